@@ -1,0 +1,246 @@
+"""The one typed configuration of a gdml run: loaded from YAML, overridden with ``--set key=value``.
+
+Every component receives its own section (``cfg.model``, ``cfg.loss`` ...), never the whole config.
+Errors are raised as :class:`ConfigError` with the dotted key and what is allowed, so the CLI can print
+one line and exit with code 2 before any work starts.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, already phrased as one line naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: Literal["emoji"] = "emoji"
+    root: str = "data/emoji"
+    """Where the shards and manifest.json live (built there on first use)."""
+    image_size: int = Field(64, ge=16, le=512)
+    """Side in pixels that images are drawn at and fed to the model."""
+    styles: list[Literal["twemoji", "openmoji", "noto"]] = ["twemoji", "openmoji", "noto"]
+    """Emoji vendor styles to use; a style whose package or font is missing is skipped with a note."""
+    max_classes: int | None = Field(None, ge=4)
+    """Keep only this many classes (evenly spread over code points): for tests and quick runs."""
+    train_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    """The first fraction of classes (sorted by code point) trains; the rest are the unseen test classes."""
+    shard_max_samples: int = Field(1000, ge=1)
+
+
+class SamplerConfig(_Section):
+    classes_per_batch: int = Field(16, ge=2)
+    """P: classes in every batch."""
+    images_per_class: int = Field(4, ge=2)
+    """m: images of each class in every batch; drawn with replacement (and augmented) when a class has fewer."""
+    batch_size: int = Field(64, ge=4)
+    """Per-rank batch size; must equal P x m."""
+    loader_workers: int = Field(0, ge=0)
+    """DataLoader worker processes per training rank (0 = decode in the training process)."""
+    shuffle_buffer: int = Field(256, ge=1)
+    """How many class groups the stream shuffles among."""
+
+    @model_validator(mode="after")
+    def _batch_is_p_times_m(self) -> "SamplerConfig":
+        if self.classes_per_batch * self.images_per_class != self.batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must equal classes_per_batch x images_per_class "
+                f"({self.classes_per_batch} x {self.images_per_class} = "
+                f"{self.classes_per_batch * self.images_per_class})"
+            )
+        return self
+
+
+class AugmentConfig(_Section):
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    flip: bool = True
+    color_jitter: float = Field(0.2, ge=0.0, le=1.0)
+
+
+class AttentionConfig(_Section):
+    enabled: bool = True
+    """Off: the embedding comes from the last backbone layer alone (the baseline)."""
+    kind: Literal["additive", "avg"] = "additive"
+    """additive: 'Learn to Pay Attention'-style spatial attention queried by the last block; avg: plain pooling."""
+    taps: list[str] = ["layer2", "layer3"]
+    """Intermediate backbone layers (torchvision node names) pooled into the embedding."""
+    width: int = Field(256, ge=8)
+    """Common width each tap is projected to by a 1x1 convolution."""
+
+
+class AdversaryConfig(_Section):
+    enabled: bool = True
+    """Off: no class-adversarial head (the baseline)."""
+    weight: float = Field(0.1, ge=0.0)
+    """lambda: the gradient-reversal coefficient (its final value when the schedule ramps)."""
+    schedule: Literal["constant", "dann"] = "dann"
+    """dann: lambda * (2 / (1 + exp(-10 p)) - 1) with p the fraction of training done."""
+    input: Literal["features", "embedding"] = "features"
+    """features: the fused pooled features before the embedding layer; embedding: the embedding itself."""
+    hidden: int = Field(512, ge=8)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+
+
+class ModelConfig(_Section):
+    backbone: Literal["resnet18", "resnet50"] = "resnet18"
+    pretrained: str | None = None
+    """Path to a local state_dict file for the backbone (nothing is downloaded); none trains from scratch."""
+    last_layer: str | None = None
+    """The backbone node whose map is the final feature; default: the backbone's last block."""
+    embedding_size: int = Field(128, ge=2)
+    attention: AttentionConfig = AttentionConfig()
+    adversary: AdversaryConfig = AdversaryConfig()
+
+
+LOSSES = ("multi_similarity", "contrastive", "triplet")
+
+
+class LossConfig(_Section):
+    name: Literal["multi_similarity", "contrastive", "triplet"] = "multi_similarity"
+    params: dict[str, float] = {}
+    """Keyword arguments of the pytorch-metric-learning loss (margins ...), checked against its signature."""
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    """Learning rate of the backbone."""
+    lr_heads: float = Field(1e-3, gt=0.0)
+    """Learning rate of attention, embedding and adversary heads."""
+    weight_decay: float = Field(1e-4, ge=0.0)
+    seed: int = 0
+    workers: int = Field(2, ge=1)
+    """Ray Train workers (DDP ranks); ignored in local mode (one process)."""
+    cpus_per_worker: int = Field(1, ge=1)
+    """CPUs (and torch threads) per Ray Train worker; in local mode, torch threads."""
+    use_gpu: bool | None = None
+    """None: use GPUs where Ray sees them."""
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    """Cap steps per epoch (quick runs, tests)."""
+    storage_path: str = "ray_results"
+    """Where Ray Train keeps checkpoints; made absolute (Ray needs it so)."""
+    name: str | None = None
+    """Run name (default: derived from the variant and time)."""
+
+
+class EvalConfig(_Section):
+    recall_at: list[int] = [1, 2, 4, 8]
+    batch_size: int = Field(256, ge=1)
+
+
+class TrackingConfig(_Section):
+    uri: str | None = None
+    """MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db."""
+    experiment: str = "gdml"
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view, as logged to MLflow params and addressed by sweeps."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, node: Any) -> None:
+            if isinstance(node, dict) and (node or not prefix):
+                for k, v in node.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = node
+
+        walk("", self.to_dict())
+        return out
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        parent = first["loc"][:-1]
+        allowed = _allowed_keys(parent)
+        msg = f"unknown key; allowed: {', '.join(allowed)}" if allowed else "unknown key"
+    elif first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    if first["type"] not in ("extra_forbidden", "missing") and "input" in first:
+        msg += f" (got {first['input']!r})"
+    return f"{key}: {msg}" if key else msg
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(str(part)) if hasattr(model, "model_fields") else None
+        if field is None or not (inspect.isclass(field.annotation) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: YAML scalar or flow collection (``0.3``, ``true``, ``[layer2,layer3]``, ``null``)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``a.b.c=value`` entries into a nested dict (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. model.adversary.weight=0.3")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{key}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = parse_value(value)
+    return raw
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults), apply ``--set`` overrides and validate everything."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    apply_overrides(raw, overrides or [])
+    return from_dict(raw)

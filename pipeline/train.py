@@ -1,0 +1,187 @@
+"""The per-worker training function: pure torch plus ``ray.train`` calls.
+
+Ray Train runs it on every DDP rank; local mode (``ScalingConfig(num_workers=0)``) runs the very same
+function in the driver process. The driver (``pipeline.launch``) passes a plain dict:
+``{"cfg": <config dict>, "mlflow_uri": ..., "mlflow_run_id": ..., "checkpoint_root": <dir or None>}``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import ray.train
+import ray.train.torch
+from pipeline import tracking
+from pipeline.config import Config
+from pipeline.data.shards import load_manifest
+from pipeline.data.stream import BalancedStream, train_loader, train_transform
+from pipeline.model.adversary import adversary_lambda
+from pipeline.model.embedder import Embedder
+from pipeline.objectives import adversarial_loss, build_objective
+
+CHECKPOINT_FILE = "model.pt"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: Embedder, cfg: Config) -> torch.optim.Optimizer:
+    groups = [
+        {"params": list(model.backbone.parameters()), "lr": cfg.train.lr, "name": "backbone"},
+        {"params": model.head_parameters(), "lr": cfg.train.lr_heads, "name": "heads"},
+    ]
+    return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+
+
+def save_checkpoint(directory: Path, model: Embedder, optimizer: torch.optim.Optimizer, epoch: int,
+                    cfg: Config, num_train_classes: int, metrics: dict[str, float]) -> None:
+    """Tensors and plain types only: loadable with ``torch.load(weights_only=True)``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "config": cfg.to_dict(),
+            "num_train_classes": num_train_classes,
+            "metrics": metrics,
+        },
+        directory / CHECKPOINT_FILE,
+    )
+
+
+def load_model(checkpoint_dir: str | Path) -> tuple[Embedder, Config, dict[str, Any]]:
+    """The trained model (eval mode, CPU), its config and the raw checkpoint of a checkpoint directory."""
+    state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    cfg = Config.model_validate(state["config"])
+    model = Embedder(cfg.model.model_copy(update={"pretrained": None}), state["num_train_classes"],
+                     cfg.data.image_size)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg, state
+
+
+def _mean_across_ranks(values: dict[str, float], distributed: bool) -> dict[str, float]:
+    if not distributed:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", mininterval=2.0)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    cfg = Config.model_validate(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    distributed = world > 1
+    torch.set_num_threads(cfg.train.cpus_per_worker)
+    seed_everything(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
+
+    manifest = load_manifest(cfg.data.root)
+    num_train_classes = manifest["splits"]["train"]["classes"]
+    stream = BalancedStream(manifest, cfg.data.root, cfg.sampler, train_transform(cfg.augment, cfg.data.image_size),
+                            rank=rank, world_size=world, seed=cfg.train.seed)
+    loader = train_loader(stream)
+    steps = stream.steps_per_epoch()
+    if cfg.train.max_steps_per_epoch:
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+    total_steps = steps * cfg.train.epochs
+
+    model = Embedder(cfg.model, num_train_classes, cfg.data.image_size)
+    optimizer = build_optimizer(model, cfg)
+    ddp_model = ray.train.torch.prepare_model(model) if distributed else model
+    device = next(model.parameters()).device
+    objective = build_objective(cfg.loss, distributed)
+    adv = cfg.model.adversary
+
+    uri, run_id = config.get("mlflow_uri"), config.get("mlflow_run_id")
+    log_to_mlflow = rank == 0 and uri and run_id
+    step = 0
+    for epoch in range(cfg.train.epochs):
+        stream.set_epoch(epoch)
+        ddp_model.train()
+        sums = {"loss": 0.0, "loss_dml": 0.0, "loss_adv": 0.0, "adv_acc": 0.0}
+        started = time.perf_counter()
+        bar = _progress(steps, f"epoch {epoch + 1}/{cfg.train.epochs}", rank == 0 and config.get("progress", True))
+        seen = 0
+        for images, labels in loader:
+            if seen >= steps:
+                break
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            lam = adversary_lambda(adv.weight, adv.schedule, step / max(1, total_steps - 1)) if adv.enabled else 0.0
+            emb, logits = ddp_model(images, lam)
+            loss_dml = objective(emb, labels)
+            loss = loss_dml
+            if logits is not None:
+                loss_adv = adversarial_loss(logits, labels)
+                loss = loss + loss_adv
+                sums["loss_adv"] += loss_adv.item()
+                sums["adv_acc"] += (logits.argmax(1) == labels).float().mean().item()
+            for term, value in (("loss_dml", loss_dml), ("loss", loss)):
+                if not math.isfinite(value.item()):
+                    raise NonFiniteLoss(f"{term} is {value.item()} at epoch {epoch + 1}, step {seen + 1} (rank {rank})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums["loss"] += loss.item()
+            sums["loss_dml"] += loss_dml.item()
+            seen += 1
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        if bar is not None:
+            bar.close()
+        if seen != steps:
+            raise RuntimeError(f"rank {rank} took {seen} steps in epoch {epoch + 1}, expected {steps}")
+        metrics = {k: v / max(1, seen) for k, v in sums.items()}
+        metrics = _mean_across_ranks(metrics, distributed)
+        metrics.update(epoch=epoch + 1, steps=seen, adv_lambda=lam, epoch_seconds=time.perf_counter() - started,
+                       skipped_samples=stream.stats.skipped)
+        if not adv.enabled:
+            for k in ("loss_adv", "adv_acc", "adv_lambda"):
+                metrics.pop(k)
+        if log_to_mlflow:
+            tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
+        _report(config, metrics, rank, model, optimizer, epoch, cfg, num_train_classes)
+
+
+def _report(config: dict[str, Any], metrics: dict[str, float], rank: int, model: Embedder,
+            optimizer: torch.optim.Optimizer, epoch: int, cfg: Config, num_train_classes: int) -> None:
+    """Every rank reports once per epoch (a barrier); rank 0 attaches the checkpoint."""
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    keep = config.get("checkpoint_root")  # local mode: checkpoints stay where they are written
+    directory = Path(keep) / f"checkpoint_epoch={epoch + 1:04d}" if keep else Path(tempfile.mkdtemp(prefix="gdml-ckpt-"))
+    save_checkpoint(directory, model, optimizer, epoch + 1, cfg, num_train_classes, metrics)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+    if not keep:
+        shutil.rmtree(directory, ignore_errors=True)
