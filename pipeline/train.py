@@ -2,11 +2,14 @@
 
 Ray Train runs it on every DDP rank; local mode (``ScalingConfig(num_workers=0)``) runs the very same
 function in the driver process. The driver (``pipeline.launch``) passes a plain dict:
-``{"cfg": <config dict>, "mlflow_uri": ..., "mlflow_run_id": ..., "checkpoint_root": <dir or None>}``.
+``{"cfg": <config dict>, "mlflow_uri": ..., "mlflow_run_id": ..., "checkpoint_root": <dir or None>}``, and
+optionally ``"trace_dir"``: each rank then writes the labels of every batch it trained on there (to check
+how data was split across ranks).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -130,6 +133,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         started = time.perf_counter()
         bar = _progress(steps, f"epoch {epoch + 1}/{cfg.train.epochs}", rank == 0 and config.get("progress", True))
         seen = 0
+        traced: list[list[int]] = []
         for images, labels in loader:
             if seen >= steps:
                 break
@@ -150,6 +154,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if config.get("trace_dir"):
+                traced.append(labels.tolist())
             sums["loss"] += loss.item()
             sums["loss_dml"] += loss_dml.item()
             seen += 1
@@ -161,6 +167,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             bar.close()
         if seen != steps:
             raise RuntimeError(f"rank {rank} took {seen} steps in epoch {epoch + 1}, expected {steps}")
+        if config.get("trace_dir"):
+            trace = Path(config["trace_dir"]) / f"rank{rank}-epoch{epoch + 1}.json"
+            trace.write_text(json.dumps(traced))
         metrics = {k: v / max(1, seen) for k, v in sums.items()}
         metrics = _mean_across_ranks(metrics, distributed)
         metrics.update(epoch=epoch + 1, steps=seen, adv_lambda=lam, epoch_seconds=time.perf_counter() - started,

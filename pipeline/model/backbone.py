@@ -37,7 +37,8 @@ def check_taps(name: str, taps: list[str], last: str | None = None) -> str | Non
     spec = BACKBONES[name]
     nodes = set(get_graph_node_names(spec.build())[1])
     for tap in [*taps, *([last] if last else [])]:
-        if tap not in nodes:
+        # A module name stands for its last node, as create_feature_extractor takes it.
+        if tap not in nodes and not any(n.startswith(tap + ".") for n in nodes):
             return f"{tap!r} is not a layer of {name}; valid: {', '.join(spec.blocks)} (or any traced node name)"
     if len(set(taps)) != len(taps):
         return f"taps repeat a layer: {taps}"

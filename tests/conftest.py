@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny emoji shards (built once per session) and a temporary MLflow store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline import config as config_mod
+from pipeline.config import Config
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+TINY = {
+    "data.max_classes": 48,
+    "data.image_size": 32,
+    "data.shard_max_samples": 20,  # several uneven shards per split
+    "sampler.classes_per_batch": 4,
+    "sampler.images_per_class": 3,
+    "sampler.batch_size": 12,
+    "model.embedding_size": 16,
+    "model.attention.width": 16,
+    "model.adversary.hidden": 32,
+    "train.epochs": 1,
+    "train.cpus_per_worker": 1,
+}
+
+
+def tiny_config(tmp: Path, **overrides: object) -> Config:
+    """A config small enough for a unit test, rooted in ``tmp`` (shards may live elsewhere)."""
+    values = {**TINY, "train.storage_path": str(tmp / "ray"), "tracking.uri": f"sqlite:///{tmp / 'mlflow.db'}",
+              "tracking.experiment": "tests", **overrides}
+    return config_mod.load(None, [f"{k}={v}" for k, v in values.items()])
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline.data import shards
+
+    root = tmp_path_factory.mktemp("shards") / "emoji"
+    cfg = tiny_config(root.parent, **{"data.root": str(root)})
+    shards.build(cfg.data)
+    return root
+
+
+@pytest.fixture()
+def tiny_cfg(tmp_path: Path, tiny_shards: Path) -> Config:
+    return tiny_config(tmp_path, **{"data.root": str(tiny_shards)})

@@ -1,0 +1,69 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import config as config_mod
+from pipeline.config import Config, ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_and_demo_config_are_valid():
+    assert Config().sampler.batch_size == Config().sampler.classes_per_batch * Config().sampler.images_per_class
+    cfg = config_mod.load(ROOT / "configs" / "demo.yaml")
+    assert cfg.data.source == "emoji"
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 5\n")
+    cfg = config_mod.load(path, ["model.adversary.weight=0.3", "model.attention.taps=[layer1,layer3]",
+                                 "model.pretrained=null", "train.use_gpu=false"])
+    assert cfg.train.epochs == 5
+    assert cfg.model.adversary.weight == 0.3
+    assert cfg.model.attention.taps == ["layer1", "layer3"]
+    assert cfg.train.use_gpu is False
+    assert cfg.flat()["model.adversary.weight"] == 0.3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model.adversry.weight=1"], "model.adversry: unknown key; allowed: backbone, pretrained"),
+        (["train.epochs=many"], "train.epochs: Input should be a valid integer"),
+        (["train.epochs=0"], "train.epochs: Input should be greater than or equal to 1"),
+        (["loss.name=arcface"], "loss.name: Input should be 'multi_similarity', 'contrastive' or 'triplet'"),
+        (["sampler.batch_size=10"], "sampler: batch_size (10) must equal classes_per_batch x images_per_class"),
+        (["epochs"], "--set 'epochs': expected key=value"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        config_mod.load(None, overrides)
+    assert str(err.value).startswith(expected)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config_mod.load(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["train", "--set", "model.attention.taps=[layer9]"], "model.attention.taps: 'layer9' is not a layer of resnet18"),
+        (["train", "--set", "data.imagesize=3"], "data.imagesize: unknown key; allowed: source, root, image_size"),
+        (["train", "--set", "loss.params={margin: 0.2}"], "loss.params: 'margin' is not a parameter of multi_similarity"),
+    ],
+)
+def test_cli_config_errors_exit_2_with_one_line(args, expected, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"gdml: config error: {expected}")
+    assert not (tmp_path / "mlflow.db").exists()  # failed before any work
