@@ -89,15 +89,20 @@ def init_ray() -> None:
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
 
 
-def fit(cfg: Config, run_id: str, uri: str, name: str, local: bool, progress: bool = True) -> tuple[str, list[dict]]:
-    """Train with Ray Train (or in-process); returns the final checkpoint directory and per-epoch metrics."""
+def fit(cfg: Config, run_id: str, uri: str, name: str, local: bool, progress: bool = True,
+        extra: dict[str, Any] | None = None) -> tuple[str, list[dict]]:
+    """Train with Ray Train (or in-process); returns the final checkpoint directory and per-epoch metrics.
+
+    ``extra`` adds keys to the worker's config (e.g. ``trace_dir``, see ``pipeline.train``).
+    """
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.train import train_loop_per_worker
 
     storage = Path(cfg.train.storage_path) if "://" not in cfg.train.storage_path else None
-    loop_config = {"cfg": cfg.to_dict(), "mlflow_uri": uri, "mlflow_run_id": run_id, "progress": progress}
+    loop_config = {"cfg": cfg.to_dict(), "mlflow_uri": uri, "mlflow_run_id": run_id, "progress": progress,
+                   **(extra or {})}
     if local:
         assert storage is not None, "local mode keeps checkpoints on a local path"
         loop_config["checkpoint_root"] = str(storage / name)
