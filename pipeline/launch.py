@@ -95,7 +95,7 @@ def fit(cfg: Config, run_id: str, uri: str, name: str, local: bool, progress: bo
 
     ``extra`` adds keys to the worker's config (e.g. ``trace_dir``, see ``pipeline.train``).
     """
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.train import train_loop_per_worker
@@ -116,7 +116,8 @@ def fit(cfg: Config, run_id: str, uri: str, name: str, local: bool, progress: bo
         train_loop_config=loop_config,
         scaling_config=scaling,
         run_config=RunConfig(name=name, storage_path=cfg.train.storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level="WARNING")),
     )
     result = trainer.fit()
     if result.checkpoint is None:

@@ -1,0 +1,31 @@
+# gdml: `make demo` and `make test` set everything up (a virtual environment in .venv) and run.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup demo demo-local test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "gdml needs Python 3.11 (found " + sys.version.split()[0] + ")")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --progress-bar off -e '.[cpu,dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/gdml demo
+
+demo-local: setup
+	$(BIN)/gdml demo --local
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) data ray_results mlruns mlflow.db .pytest_cache
