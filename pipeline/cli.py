@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(p, DEMO_CONFIG)
     p.add_argument("--local", action="store_true", help="one process, no Ray workers")
 
+    p = sub.add_parser("backbones", help="list each backbone's tap names with channels and stride")
+    p.add_argument("--image-size", type=int, default=224, help="input side used to read the strides (default 224)")
+
     p = sub.add_parser("shards", help="build WebDataset shards from a source")
     shard_sub = p.add_subparsers(dest="shards_command", required=True)
     b = shard_sub.add_parser("build", help="build (or reuse) the shards of data.source under data.root")
@@ -126,7 +129,19 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "demo": cmd_demo, "shards": cmd_shards}
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from pipeline.model.backbone import BACKBONES, Backbone
+
+    for name, spec in BACKBONES.items():
+        net = Backbone(name, list(spec.blocks), probe_size=args.image_size)
+        print(f"{name}  (default taps: {', '.join(spec.default_taps)})")
+        for tap in [*spec.blocks, "last"]:
+            info = net.info[tap]
+            print(f"  {tap:<16} channels {info.channels:>5}   stride {info.reduction:>3}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "demo": cmd_demo, "shards": cmd_shards, "backbones": cmd_backbones}
 
 
 def main(argv: list[str] | None = None) -> int:

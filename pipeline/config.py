@@ -70,12 +70,15 @@ class AugmentConfig(_Section):
 class AttentionConfig(_Section):
     enabled: bool = True
     """Off: the embedding comes from the last backbone layer alone (the baseline)."""
-    kind: Literal["additive", "avg"] = "additive"
-    """additive: 'Learn to Pay Attention'-style spatial attention queried by the last block; avg: plain pooling."""
-    taps: list[str] = ["layer2", "layer3"]
-    """Intermediate backbone layers (torchvision node names) pooled into the embedding."""
+    kind: Literal["additive", "cbam", "avg"] = "additive"
+    """additive: 'Learn to Pay Attention'-style spatial attention queried by the last block; cbam: channel then
+    spatial attention (CBAM); avg: plain global pooling (the ablation)."""
+    taps: list[str] | None = None
+    """Intermediate backbone layers (submodule names) pooled into the embedding; None: the backbone's default."""
     width: int = Field(256, ge=8)
     """Common width each tap is projected to by a 1x1 convolution."""
+    shared: bool = True
+    """One attention module shared across taps (the lead design), or one per tap."""
 
 
 class AdversaryConfig(_Section):
@@ -91,23 +94,31 @@ class AdversaryConfig(_Section):
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
 
 
+BACKBONE_NAMES = Literal["resnet18", "resnet50", "googlenet", "bninception", "efficientnet_lite0"]
+
+
 class ModelConfig(_Section):
-    backbone: Literal["resnet18", "resnet50"] = "resnet18"
+    backbone: BACKBONE_NAMES = "resnet18"
     pretrained: str | None = None
-    """Path to a local state_dict file for the backbone (nothing is downloaded); none trains from scratch."""
-    last_layer: str | None = None
-    """The backbone node whose map is the final feature; default: the backbone's last block."""
+    """None: random init; 'imagenet': ImageNet weights (shipped in a package for efficientnet_lite0, downloaded by
+    torchvision for the others where the machine can); or the path of a local weights file."""
+    freeze_bn: bool = False
+    """Keep the backbone's BatchNorm statistics and affine weights fixed (standard in DML with pretrained weights)."""
     embedding_size: int = Field(128, ge=2)
+    fusion: Literal["concat", "sum"] = "concat"
+    """concat: concatenate the last layer's pooled feature and the tap descriptors, then one linear layer;
+    sum: a linear projection of each to the embedding size, summed."""
     attention: AttentionConfig = AttentionConfig()
     adversary: AdversaryConfig = AdversaryConfig()
 
 
-LOSSES = ("multi_similarity", "contrastive", "triplet")
+LOSS_NAMES = Literal["multi_similarity", "contrastive", "triplet", "margin", "ntxent", "npairs",
+                     "proxy_nca", "proxy_anchor"]
 
 
 class LossConfig(_Section):
-    name: Literal["multi_similarity", "contrastive", "triplet"] = "multi_similarity"
-    params: dict[str, float] = {}
+    name: LOSS_NAMES = "multi_similarity"
+    params: dict[str, float | int | bool | str] = {}
     """Keyword arguments of the pytorch-metric-learning loss (margins ...), checked against its signature."""
 
 
@@ -116,7 +127,11 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0.0)
     """Learning rate of the backbone."""
     lr_heads: float = Field(1e-3, gt=0.0)
-    """Learning rate of attention, embedding and adversary heads."""
+    """Learning rate of the attention and embedding layers."""
+    lr_adversary: float | None = Field(None, gt=0.0)
+    """Learning rate of the adversary's head; None: lr_heads."""
+    lr_loss: float = Field(1e-2, gt=0.0)
+    """Learning rate of the loss's own parameters (proxies)."""
     weight_decay: float = Field(1e-4, ge=0.0)
     seed: int = 0
     workers: int = Field(2, ge=1)

@@ -45,20 +45,22 @@ def resolve_paths(cfg: Config) -> Config:
 def check_model(cfg: Config) -> None:
     """Config checks that need the backbone or the loss (still before any work)."""
     from pipeline.model.backbone import check_taps
+    from pipeline.model.embedder import resolved_taps
     from pipeline.objectives import check_params
 
-    att = cfg.model.attention
-    if att.enabled:
-        if not att.taps:
+    if cfg.model.attention.enabled:
+        taps = resolved_taps(cfg.model)
+        if not taps:
             raise ConfigError("model.attention.taps: empty; name at least one layer (or set model.attention.enabled=false)")
-        problem = check_taps(cfg.model.backbone, list(att.taps), cfg.model.last_layer)
+        problem = check_taps(cfg.model.backbone, taps)
         if problem:
             raise ConfigError(f"model.attention.taps: {problem}")
     problem = check_params(cfg.loss)
     if problem:
         raise ConfigError(f"loss.params: {problem}")
-    if cfg.model.pretrained and not Path(cfg.model.pretrained).is_file():
-        raise ConfigError(f"model.pretrained: {cfg.model.pretrained} does not exist")
+    pretrained = cfg.model.pretrained
+    if pretrained and pretrained != "imagenet" and not Path(pretrained).is_file():
+        raise ConfigError(f"model.pretrained: {pretrained} does not exist (expected 'imagenet' or a weights file)")
 
 
 def check_data(cfg: Config, manifest: dict[str, Any], world_size: int) -> None:

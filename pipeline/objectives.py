@@ -1,9 +1,13 @@
-"""Training objectives: a pytorch-metric-learning DML loss (pairs formed across ranks) + the adversarial loss."""
+"""Training objectives: a pytorch-metric-learning DML loss (pairs formed across ranks) + the adversarial loss.
+
+``TrainModule`` holds the embedder *and* the metric loss, so that a loss's own parameters (proxies) sit
+inside the DDP-wrapped module and are synchronised across ranks like every other weight.
+"""
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 from pytorch_metric_learning import losses, miners
@@ -17,14 +21,24 @@ LOSS_CLASSES: dict[str, type] = {
     "multi_similarity": losses.MultiSimilarityLoss,
     "contrastive": losses.ContrastiveLoss,
     "triplet": losses.TripletMarginLoss,
+    "margin": losses.MarginLoss,
+    "ntxent": losses.NTXentLoss,
+    "npairs": losses.NPairsLoss,
+    "proxy_nca": losses.ProxyNCALoss,
+    "proxy_anchor": losses.ProxyAnchorLoss,
 }
+# Arguments gdml fills in itself.
+_AUTOMATIC = ("num_classes", "embedding_size")
 # Losses that need a miner to be useful, and the miner that goes with them.
-MINERS = {"triplet": lambda: miners.TripletMarginMiner(type_of_triplets="semihard")}
+MINERS: dict[str, Callable[[], nn.Module]] = {
+    "triplet": lambda: miners.TripletMarginMiner(type_of_triplets="semihard"),
+    "margin": lambda: miners.DistanceWeightedMiner(),
+}
 
 
 def loss_param_names(name: str) -> list[str]:
     sig = inspect.signature(LOSS_CLASSES[name].__init__)
-    return [p for p in sig.parameters if p not in ("self", "args", "kwargs")]
+    return [p for p in sig.parameters if p not in ("self", "args", "kwargs", *_AUTOMATIC)]
 
 
 def check_params(cfg: LossConfig) -> str | None:
@@ -36,26 +50,48 @@ def check_params(cfg: LossConfig) -> str | None:
     return None
 
 
-@dataclass
-class DMLObjective:
-    """A metric loss with its optional miner; both gather embeddings across ranks when distributed."""
+class MetricLoss(nn.Module):
+    """A metric loss with its optional miner; both see every rank's batch when ``world_size > 1``."""
 
-    loss: nn.Module
-    miner: nn.Module | None
+    def __init__(self, cfg: LossConfig, num_classes: int, embedding_size: int, world_size: int = 1) -> None:
+        super().__init__()
+        cls = LOSS_CLASSES[cfg.name]
+        accepted = inspect.signature(cls.__init__).parameters
+        auto = {"num_classes": num_classes, "embedding_size": embedding_size}
+        loss = cls(**{k: v for k, v in auto.items() if k in accepted}, **cfg.params)
+        miner = MINERS[cfg.name]() if cfg.name in MINERS else None
+        self.inner = loss  # the one registered submodule: owns the parameters (proxies), same keys at any world size
+        if world_size > 1:
+            # efficient=False: the loss sees all ranks' embeddings as one batch (own ones carry gradients).
+            loss = pml_dist.DistributedLossWrapper(loss, efficient=False)
+            miner = pml_dist.DistributedMinerWrapper(miner, efficient=False) if miner is not None else None
+            # Each rank computes the whole-batch loss times world_size, so a loss parameter's gradient is
+            # world_size x the whole-batch one on every rank; DDP averages; scale back to match one process.
+            for p in self.inner.parameters():
+                p.register_hook(lambda g, w=world_size: g / w)
+        self._compute = (loss, miner)  # a tuple: not registered again as submodules
 
-    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        indices = self.miner(embeddings, labels) if self.miner is not None else None
-        return self.loss(embeddings, labels, indices)
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss, miner = self._compute
+        indices = miner(embeddings, labels) if miner is not None else None
+        return loss(embeddings, labels, indices)
 
 
-def build_objective(cfg: LossConfig, distributed: bool) -> DMLObjective:
-    loss = LOSS_CLASSES[cfg.name](**cfg.params)
-    miner = MINERS[cfg.name]() if cfg.name in MINERS else None
-    if distributed:
-        # efficient=False: the loss sees every rank's batch as one (gathered) batch.
-        loss = pml_dist.DistributedLossWrapper(loss, efficient=False)
-        miner = pml_dist.DistributedMinerWrapper(miner, efficient=False) if miner is not None else None
-    return DMLObjective(loss, miner)
+class TrainModule(nn.Module):
+    """Embedder + metric loss: the one module that DDP wraps. ``forward`` returns the loss terms."""
+
+    def __init__(self, embedder: nn.Module, metric_loss: MetricLoss) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.metric_loss = metric_loss
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, lam: float = 0.0
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(DML loss, adversarial loss or None, adversary logits or None)."""
+        emb, logits = self.embedder(images, lam)
+        loss_dml = self.metric_loss(emb, labels)
+        loss_adv = adversarial_loss(logits, labels) if logits is not None else None
+        return loss_dml, loss_adv, logits
 
 
 def adversarial_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

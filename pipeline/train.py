@@ -30,7 +30,7 @@ from pipeline.data.shards import load_manifest
 from pipeline.data.stream import BalancedStream, train_loader, train_transform
 from pipeline.model.adversary import adversary_lambda
 from pipeline.model.embedder import Embedder
-from pipeline.objectives import adversarial_loss, build_objective
+from pipeline.objectives import MetricLoss, TrainModule
 
 CHECKPOINT_FILE = "model.pt"
 
@@ -45,21 +45,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(model: Embedder, cfg: Config) -> torch.optim.Optimizer:
-    groups = [
-        {"params": list(model.backbone.parameters()), "lr": cfg.train.lr, "name": "backbone"},
-        {"params": model.head_parameters(), "lr": cfg.train.lr_heads, "name": "heads"},
-    ]
-    return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+def build_optimizer(module: TrainModule, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW with one learning rate per part: backbone, heads, adversary, the loss's own parameters."""
+    t = cfg.train
+    rates = {"backbone": t.lr, "heads": t.lr_heads, "adversary": t.lr_adversary or t.lr_heads, "loss": t.lr_loss}
+    parts = {**module.embedder.parameter_groups(), "loss": list(module.metric_loss.parameters())}
+    groups = [{"params": params, "lr": rates[name], "name": name} for name, params in parts.items() if params]
+    return torch.optim.AdamW(groups, weight_decay=t.weight_decay)
 
 
-def save_checkpoint(directory: Path, model: Embedder, optimizer: torch.optim.Optimizer, epoch: int,
+def save_checkpoint(directory: Path, module: TrainModule, optimizer: torch.optim.Optimizer, epoch: int,
                     cfg: Config, num_train_classes: int, metrics: dict[str, float]) -> None:
     """Tensors and plain types only: loadable with ``torch.load(weights_only=True)``."""
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
-            "model": model.state_dict(),
+            "model": module.embedder.state_dict(),
+            "loss": module.metric_loss.state_dict(),
             "optimizer": optimizer.state_dict(),
             "epoch": epoch,
             "config": cfg.to_dict(),
@@ -116,11 +118,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         steps = min(steps, cfg.train.max_steps_per_epoch)
     total_steps = steps * cfg.train.epochs
 
-    model = Embedder(cfg.model, num_train_classes, cfg.data.image_size)
-    optimizer = build_optimizer(model, cfg)
-    ddp_model = ray.train.torch.prepare_model(model) if distributed else model
-    device = next(model.parameters()).device
-    objective = build_objective(cfg.loss, distributed)
+    embedder = Embedder(cfg.model, num_train_classes, cfg.data.image_size)
+    module = TrainModule(embedder, MetricLoss(cfg.loss, num_train_classes, cfg.model.embedding_size, world))
+    optimizer = build_optimizer(module, cfg)
+    ddp_module = ray.train.torch.prepare_model(module) if distributed else module
+    device = next(module.parameters()).device
     adv = cfg.model.adversary
 
     uri, run_id = config.get("mlflow_uri"), config.get("mlflow_run_id")
@@ -128,7 +130,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     step = 0
     for epoch in range(cfg.train.epochs):
         stream.set_epoch(epoch)
-        ddp_model.train()
+        ddp_module.train()
         sums = {"loss": 0.0, "loss_dml": 0.0, "loss_adv": 0.0, "adv_acc": 0.0}
         started = time.perf_counter()
         bar = _progress(steps, f"epoch {epoch + 1}/{cfg.train.epochs}", rank == 0 and config.get("progress", True))
@@ -140,11 +142,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             lam = adversary_lambda(adv.weight, adv.schedule, step / max(1, total_steps - 1)) if adv.enabled else 0.0
-            emb, logits = ddp_model(images, lam)
-            loss_dml = objective(emb, labels)
+            loss_dml, loss_adv, logits = ddp_module(images, labels, lam)
             loss = loss_dml
-            if logits is not None:
-                loss_adv = adversarial_loss(logits, labels)
+            if loss_adv is not None:
                 loss = loss + loss_adv
                 sums["loss_adv"] += loss_adv.item()
                 sums["adv_acc"] += (logits.argmax(1) == labels).float().mean().item()
@@ -179,10 +179,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics.pop(k)
         if log_to_mlflow:
             tracking.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if k != "epoch"}, step=epoch + 1)
-        _report(config, metrics, rank, model, optimizer, epoch, cfg, num_train_classes)
+        _report(config, metrics, rank, module, optimizer, epoch, cfg, num_train_classes)
 
 
-def _report(config: dict[str, Any], metrics: dict[str, float], rank: int, model: Embedder,
+def _report(config: dict[str, Any], metrics: dict[str, float], rank: int, module: TrainModule,
             optimizer: torch.optim.Optimizer, epoch: int, cfg: Config, num_train_classes: int) -> None:
     """Every rank reports once per epoch (a barrier); rank 0 attaches the checkpoint."""
     if rank != 0:
@@ -190,7 +190,7 @@ def _report(config: dict[str, Any], metrics: dict[str, float], rank: int, model:
         return
     keep = config.get("checkpoint_root")  # local mode: checkpoints stay where they are written
     directory = Path(keep) / f"checkpoint_epoch={epoch + 1:04d}" if keep else Path(tempfile.mkdtemp(prefix="gdml-ckpt-"))
-    save_checkpoint(directory, model, optimizer, epoch + 1, cfg, num_train_classes, metrics)
+    save_checkpoint(directory, module, optimizer, epoch + 1, cfg, num_train_classes, metrics)
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
     if not keep:
         shutil.rmtree(directory, ignore_errors=True)

@@ -34,7 +34,7 @@ def test_overrides_parse_yaml_values(tmp_path):
         (["model.adversry.weight=1"], "model.adversry: unknown key; allowed: backbone, pretrained"),
         (["train.epochs=many"], "train.epochs: Input should be a valid integer"),
         (["train.epochs=0"], "train.epochs: Input should be greater than or equal to 1"),
-        (["loss.name=arcface"], "loss.name: Input should be 'multi_similarity', 'contrastive' or 'triplet'"),
+        (["loss.name=arcface"], "loss.name: Input should be 'multi_similarity', 'contrastive', 'triplet', 'margin'"),
         (["sampler.batch_size=10"], "sampler: batch_size (10) must equal classes_per_batch x images_per_class"),
         (["epochs"], "--set 'epochs': expected key=value"),
     ],
@@ -67,3 +67,11 @@ def test_cli_config_errors_exit_2_with_one_line(args, expected, tmp_path):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"gdml: config error: {expected}")
     assert not (tmp_path / "mlflow.db").exists()  # failed before any work
+
+
+def test_gdml_backbones_lists_taps_with_channels_and_stride(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "backbones", "--image-size", "64"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "bninception  (default taps: inception_4d, inception_4e, inception_5a)" in proc.stdout
+    assert any(line.split()[:5] == ["inception_4e", "channels", "1056", "stride", "32"] for line in proc.stdout.splitlines())

@@ -76,3 +76,22 @@ def test_two_ray_workers_train_disjoint_data_and_log_to_mlflow(tiny_cfg, tmp_pat
         classes = [{c for batch in batches for c in batch} for batches in per_rank]
         assert not classes[0] & classes[1]  # disjoint data
         assert len(classes[0] | classes[1]) == 24  # the whole training split each epoch
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_name", ["contrastive", "triplet", "margin", "multi_similarity", "ntxent", "npairs",
+                                       "proxy_nca", "proxy_anchor"])
+def test_every_loss_trains_with_the_full_framework(tiny_cfg, loss_name):
+    cfg = tiny_cfg.model_copy(update={
+        "loss": tiny_cfg.loss.model_copy(update={"name": loss_name}),
+        "train": tiny_cfg.train.model_copy(update={"max_steps_per_epoch": 2, "name": f"loss-{loss_name}"}),
+    })
+    assert cfg.model.attention.enabled and cfg.model.adversary.enabled
+    result = train_and_evaluate(cfg, local=True, progress=False)
+    assert set(result.metrics) == METRICS
+    state = torch.load(f"{result.checkpoint}/{CHECKPOINT_FILE}", weights_only=True)
+    if loss_name.startswith("proxy"):
+        assert state["loss"]["inner.proxies"].shape == (24, cfg.model.embedding_size)
+    lrs = {g["name"]: g["lr"] for g in state["optimizer"]["param_groups"]}
+    assert lrs["backbone"] == cfg.train.lr and lrs["adversary"] == cfg.train.lr_heads
+    assert ("loss" in lrs) == loss_name.startswith("proxy")  # only proxy losses own parameters by default

@@ -44,8 +44,8 @@ class ClassAdversary(nn.Module):
     def __init__(self, in_features: int, num_classes: int, hidden: int = 512, dropout: float = 0.2) -> None:
         super().__init__()
         self.head = nn.Sequential(
+            # No BatchNorm: its per-rank statistics would make a DDP step differ from one on the whole batch.
             nn.Linear(in_features, hidden),
-            nn.BatchNorm1d(hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),

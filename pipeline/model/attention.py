@@ -1,9 +1,15 @@
-"""Pooling intermediate feature maps into descriptors: additive spatial attention, or plain averaging.
+"""Pooling intermediate feature maps into descriptors: additive spatial attention, CBAM, or plain averaging.
 
-The additive kind follows "Learn to Pay Attention" (Jetley et al., 2018): each tap's map is projected by
-a 1x1 convolution to a common width; the query is the global-pooled last map, projected to that width;
-the score of a position is a 1x1 convolution of (map + query), shared across taps; a softmax over
-positions weighs the sum that becomes the tap's descriptor.
+- ``additive`` follows "Learn to Pay Attention" (Jetley et al., 2018): each tap's map is projected by a 1x1
+  convolution to a common width; the query is the global-pooled last map, projected to that width; the
+  score of a position is a 1x1 convolution of tanh(map + query); a softmax over positions weighs the sum
+  that becomes the tap's descriptor. One scoring module is shared across taps by default (the lead design).
+  The tanh (as in Bahdanau's additive attention) matters: with a linear score, u.(l + g) = u.l + u.g, the
+  query adds one constant to every position, cancels in the softmax and receives no gradient at all.
+- ``cbam`` follows "CBAM" (Woo et al., 2018): channel attention (a shared MLP over average- and max-pooled
+  channels), then spatial attention (a 7x7 convolution over channel-average and channel-max maps), then
+  global average pooling.
+- ``avg`` is plain global average pooling of each projected map: the ablation baseline.
 """
 
 from __future__ import annotations
@@ -12,30 +18,69 @@ import torch
 from torch import nn
 
 
-class TapPooling(nn.Module):
-    """Maps ``{tap: (B, C_t, H, W)}`` plus the last map to ``(B, len(taps) * width)`` descriptors."""
+class AdditiveScore(nn.Module):
+    """Softmax weights over positions from tanh(local + query)."""
 
-    def __init__(self, tap_channels: dict[str, int], last_channels: int, width: int, kind: str = "additive") -> None:
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.score = nn.Conv2d(width, 1, 1)
+
+    def forward(self, local: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        return self.score(torch.tanh(local + query[:, :, None, None])).flatten(1).softmax(dim=1)
+
+
+class CBAM(nn.Module):
+    def __init__(self, width: int, reduction: int = 8) -> None:
+        super().__init__()
+        hidden = max(4, width // reduction)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, width))
+        self.spatial = nn.Conv2d(2, 1, 7, padding=3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        channel = torch.sigmoid(self.mlp(x.mean(dim=(2, 3))) + self.mlp(x.amax(dim=(2, 3))))
+        x = x * channel[:, :, None, None]
+        spatial = torch.sigmoid(self.spatial(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)))
+        x = x * spatial
+        return x.mean(dim=(2, 3)), spatial.flatten(1)
+
+
+class TapPooling(nn.Module):
+    """Maps ``{tap: (B, C_t, H, W)}`` plus the last map to ``(B, len(taps), width)`` descriptors."""
+
+    def __init__(self, tap_channels: dict[str, int], last_channels: int, width: int, kind: str = "additive",
+                 shared: bool = True) -> None:
         super().__init__()
         self.kind = kind
         self.taps = list(tap_channels)
-        self.project = nn.ModuleDict({t: nn.Conv2d(c, width, 1, bias=False) for t, c in tap_channels.items()})
+        self.width = width
+        # A list in tap order: tap names may hold dots ('_blocks.5'), which module names may not.
+        self.project = nn.ModuleList(nn.Conv2d(c, width, 1, bias=False) for c in tap_channels.values())
+        count = 1 if shared else len(self.taps)
         if kind == "additive":
             self.query = nn.Linear(last_channels, width)
-            self.score = nn.Conv2d(width, 1, 1)
-        self.out_features = width * len(self.taps)
+            self.attend = nn.ModuleList(AdditiveScore(width) for _ in range(count))
+        elif kind == "cbam":
+            self.attend = nn.ModuleList(CBAM(width) for _ in range(count))
+        self.shared = shared
         self.last_weights: dict[str, torch.Tensor] = {}
+        """The attention weights over positions of the latest forward pass, per tap (for plots)."""
+
+    def _module(self, i: int) -> nn.Module:
+        return self.attend[0 if self.shared else i]
 
     def forward(self, maps: dict[str, torch.Tensor], last: torch.Tensor) -> torch.Tensor:
         out = []
-        query = self.query(last.mean(dim=(2, 3)))[:, :, None, None] if self.kind == "additive" else None
-        for tap in self.taps:
-            local = self.project[tap](maps[tap])
-            if query is None:
+        query = self.query(last.mean(dim=(2, 3))) if self.kind == "additive" else None
+        for i, tap in enumerate(self.taps):
+            local = self.project[i](maps[tap])
+            if self.kind == "avg":
                 out.append(local.mean(dim=(2, 3)))
                 continue
-            scores = self.score(local + query).flatten(1)  # (B, H*W)
-            weights = scores.softmax(dim=1)
+            if self.kind == "additive":
+                weights = self._module(i)(local, query)
+                out.append(torch.einsum("bn,bcn->bc", weights, local.flatten(2)))
+            else:
+                pooled, weights = self._module(i)(local)
+                out.append(pooled)
             self.last_weights[tap] = weights.detach()
-            out.append(torch.einsum("bn,bcn->bc", weights, local.flatten(2)))
-        return torch.cat(out, dim=1)
+        return torch.stack(out, dim=1)

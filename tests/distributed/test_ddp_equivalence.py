@@ -1,0 +1,83 @@
+"""One DDP step on two half-batches (2 gloo processes) equals one step of one process on the whole batch."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from pipeline.config import Config, LossConfig
+from pipeline.model.embedder import Embedder
+from pipeline.objectives import MetricLoss, TrainModule
+
+LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3] * 2)  # each half holds two images of every class
+LR = 0.5
+# Relative error of each tensor's update: float32 sums taken in another order differ around 1e-6..1e-4.
+TOLERANCE = 1e-3
+
+
+def _module(loss_name: str, world: int) -> TrainModule:
+    torch.manual_seed(0)
+    base = Config().model
+    cfg = base.model_copy(update={
+        "embedding_size": 8,
+        "freeze_bn": True,  # batch statistics would differ between a half and the whole batch
+        "attention": base.attention.model_copy(update={"width": 8}),
+        "adversary": base.adversary.model_copy(update={"hidden": 16, "dropout": 0.0}),
+    })
+    return TrainModule(Embedder(cfg, 4, image_size=32), MetricLoss(LossConfig(name=loss_name), 4, 8, world))
+
+
+def _images() -> torch.Tensor:
+    return torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _step(module: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
+    module.train()
+    opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=LR)
+    loss_dml, loss_adv, _ = module(images, labels, 0.5)
+    (loss_dml + loss_adv).backward()
+    opt.step()
+
+
+def _rank(rank: int, world: int, init_file: str, loss_name: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        module = _module(loss_name, world)
+        half = len(LABELS) // world
+        part = slice(rank * half, (rank + 1) * half)
+        _step(DistributedDataParallel(module), _images()[part], LABELS[part])
+        torch.save(module.state_dict(), Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("loss_name", ["multi_similarity", "proxy_anchor"])
+def test_ddp_step_equals_whole_batch_step(tmp_path, loss_name):
+    mp.spawn(_rank, args=(2, str(tmp_path / "init"), loss_name, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+    single = _module(loss_name, 1)
+    before = {k: v.clone() for k, v in single.state_dict().items()}
+    _step(single, _images(), LABELS)
+    expected = single.state_dict()
+
+    moved = [k for k in expected if expected[k].is_floating_point()
+             and (expected[k] - before[k]).norm() > 1e-6 * (1 + before[k].norm())]
+    assert "embedder.pool.query.weight" in moved  # the attention query is trained, not cancelled out
+    assert any(k.startswith("embedder.adversary.") for k in moved)  # the adversary's head trained
+    assert any(k.startswith("embedder.backbone.") for k in moved)
+    if loss_name == "proxy_anchor":
+        assert "metric_loss.inner.proxies" in moved  # the proxies trained
+    for key in moved:
+        assert torch.equal(ranks[0][key], ranks[1][key]), f"{key} differs between ranks"
+        want, got = expected[key] - before[key], ranks[0][key] - before[key]
+        error = ((got - want).norm() / want.norm()).item()
+        assert error < TOLERANCE, f"{key}: DDP update differs from the whole-batch update by {error:.2e}"
+    for key in set(expected) - set(moved):
+        assert torch.allclose(ranks[0][key].double(), expected[key].double(), atol=1e-6), key
