@@ -78,3 +78,15 @@ def test_torchvision_weights_from_a_local_file(tmp_path):
     assert torch.equal(net.net.layer1[0].conv1.weight, src.layer1[0].conv1.weight)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Backbone("resnet18", [], pretrained=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_offered_tap_produces_the_map_its_info_describes(name):
+    blocks = list(BACKBONES[name].blocks)
+    net = Backbone(name, blocks, probe_size=64).eval()
+    with torch.no_grad():
+        maps = net(torch.randn(1, 3, 96, 96))
+    for tap in [*blocks, "last"]:
+        info = net.info[tap]
+        assert maps[tap].shape[1] == info.channels, tap
+        assert abs(maps[tap].shape[-1] - 96 / info.reduction) <= 1, tap
