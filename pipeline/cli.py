@@ -12,7 +12,8 @@ from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-METRIC_ORDER = ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "r_precision", "nmi")
+METRIC_ORDER = ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "recall_at_10", "recall_at_100",
+                "recall_at_1000", "map_at_r", "r_precision", "precision_at_1", "nmi")
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: Path | None = None) -> None:
@@ -33,6 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="baseline vs framework on the embedded emoji set, side by side")
     _add_config_args(p, DEMO_CONFIG)
     p.add_argument("--local", action="store_true", help="one process, no Ray workers")
+
+    p = sub.add_parser("eval", help="evaluate a trained model (MLflow run or checkpoint) and log metrics + plots")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="MLflow run id whose checkpoint to evaluate (results go to that run)")
+    src.add_argument("--checkpoint", type=Path, help="checkpoint directory (results go to a new MLflow run)")
+    p.add_argument("--split", default="test", help="split to evaluate: test (unseen classes, default) or train")
+    p.add_argument("--data-root", help="shards location, if not where the model was trained from")
+    p.add_argument("--no-plots", action="store_true", help="metrics only")
 
     p = sub.add_parser("backbones", help="list each backbone's tap names with channels and stride")
     p.add_argument("--image-size", type=int, default=224, help="input side used to read the strides (default 224)")
@@ -129,6 +138,38 @@ def cmd_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from pipeline import tracking
+    from pipeline.data import shards
+    from pipeline.launch import evaluate_checkpoint, log_evaluation
+    from pipeline.train import CHECKPOINT_FILE, load_model
+
+    uri = tracking.resolve_uri(Config().tracking)
+    with tempfile.TemporaryDirectory(prefix="gdml-eval-") as tmp:
+        if args.run:
+            checkpoint = tracking.download_checkpoint(uri, args.run, tmp)
+        else:
+            checkpoint = str(args.checkpoint)
+            if not (args.checkpoint / CHECKPOINT_FILE).is_file():
+                raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no {CHECKPOINT_FILE} there")
+        _, cfg, _ = load_model(checkpoint)
+        if args.data_root:
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": str(Path(args.data_root).resolve())})})
+        manifest = shards.load_manifest(cfg.data.root)
+        ev = evaluate_checkpoint(checkpoint, cfg, manifest, args.split)
+        run_id = args.run or tracking.start_run(uri, cfg.tracking.experiment, f"eval-{Path(checkpoint).name}",
+                                                tags={"evaluates": str(Path(checkpoint).resolve())})
+        log_evaluation(uri, run_id, ev, manifest, cfg.data.root, args.split, plots=not args.no_plots,
+                       seed=cfg.train.seed)
+        if not args.run:
+            tracking.end_run(uri, run_id)
+    print(_format_metrics_table({args.split: ev.metrics}))
+    print(f"\nlogged to MLflow run {run_id} as {args.split}/<metric>" + ("" if args.no_plots else f" with plots/{args.split}_*.png"))
+    return 0
+
+
 def cmd_backbones(args: argparse.Namespace) -> int:
     from pipeline.model.backbone import BACKBONES, Backbone
 
@@ -141,7 +182,7 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "demo": cmd_demo, "shards": cmd_shards, "backbones": cmd_backbones}
+COMMANDS = {"train": cmd_train, "demo": cmd_demo, "shards": cmd_shards, "backbones": cmd_backbones, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

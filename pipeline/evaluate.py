@@ -1,14 +1,17 @@
-"""Zero-shot retrieval metrics on unseen classes: Recall@K, NMI, MAP@R, R-Precision.
+"""Zero-shot retrieval metrics on unseen classes: Recall@K, NMI, MAP@R, R-Precision, Precision@1.
 
-Protocol: every test image queries all *other* test images (exact inner-product search on L2-normalised
-embeddings). Metrics are computed once, in one process, and returned as one flat dict with stable keys
-(``recall_at_1``, ``nmi``, ``map_at_r`` ...; MLflow allows no '@' in names) that the CLI, MLflow, Tune and the tests share.
+Protocols: every test image queries all *other* test images (CUB, Cars196, SOP, the emoji set), or
+queries query a separate gallery (In-Shop). Search is exact (``pipeline.knn``). Metrics are computed once,
+in one process, and returned as one flat dict with stable keys (``recall_at_1``, ``map_at_r``,
+``r_precision``, ``precision_at_1``, ``nmi``; MLflow allows no '@' in names) that the CLI, MLflow, Tune and
+the tests share.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,96 +20,91 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pipeline.data.stream import SplitImages
+from pipeline.knn import knn
 
 log = logging.getLogger(__name__)
 
 
-def faiss_backend() -> str:
-    """'gpu' when faiss-gpu is installed and a CUDA device is present, else 'cpu'."""
-    import faiss
-
-    try:
-        if torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-            return "gpu"
-    except Exception as err:  # noqa: BLE001 - a broken GPU build falls back to the CPU
-        log.warning("faiss GPU unusable (%s); using the CPU index", err)
-    return "cpu"
+def _relevant(neighbors: np.ndarray, query_labels: np.ndarray, ref_labels: np.ndarray) -> np.ndarray:
+    return ref_labels[neighbors] == query_labels[:, None]
 
 
-def knn(embeddings: np.ndarray, k: int, chunk: int = 8192) -> np.ndarray:
-    """Indices of each row's ``k`` nearest *other* rows by inner product, ties broken by lower index."""
-    import faiss
-
-    x = np.ascontiguousarray(embeddings, dtype=np.float32)
-    n, d = x.shape
-    k = min(k, n - 1)
-    index = faiss.IndexFlatIP(d)
-    if faiss_backend() == "gpu" and k + 1 <= 2048:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    index.add(x)
-    out = np.empty((n, k), dtype=np.int64)
-    for start in range(0, n, chunk):
-        q = x[start:start + chunk]
-        scores, idx = index.search(q, k + 1)
-        # Deterministic ties: order by (-score, index); then drop the query itself (or the last if absent).
-        order = np.lexsort((idx, -scores), axis=1)
-        idx = np.take_along_axis(idx, order, axis=1)
-        rows = np.arange(start, start + len(q))[:, None]
-        is_self = idx == rows
-        keep = ~is_self
-        keep[~is_self.any(axis=1), -1] = False
-        out[start:start + len(q)] = idx[keep].reshape(len(q), k)
-    return out
+def relevant_counts(query_labels: np.ndarray, ref_labels: np.ndarray, self_search: bool) -> np.ndarray:
+    """R per query: reference items of its class (itself excluded in a self-search)."""
+    classes, counts = np.unique(ref_labels, return_counts=True)
+    pos = np.searchsorted(classes, query_labels)
+    found = (pos < len(classes)) & (classes[np.minimum(pos, len(classes) - 1)] == query_labels)
+    r = np.where(found, counts[np.minimum(pos, len(classes) - 1)], 0)
+    return r - 1 if self_search else r
 
 
-def recall_at_k(neighbors: np.ndarray, labels: np.ndarray, ks: Iterable[int]) -> dict[str, float]:
-    hits = labels[neighbors] == labels[:, None]
+def recall_at_k(hits: np.ndarray, ks: Iterable[int]) -> dict[str, float]:
+    """Share of queries with a relevant item among their first K neighbours (every query counts)."""
     return {f"recall_at_{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
 
 
-def map_at_r(neighbors: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """MAP@R and R-Precision ("A Metric Learning Reality Check"), R = number of other same-class items."""
-    classes, counts = np.unique(labels, return_counts=True)
-    r = counts[np.searchsorted(classes, labels)] - 1
+def map_at_r(hits: np.ndarray, r: np.ndarray) -> dict[str, float]:
+    """MAP@R, R-Precision and Precision@1 ("A Metric Learning Reality Check"), over queries with R > 0."""
     valid = r > 0
     if not valid.any():
-        return {"map_at_r": float("nan"), "r_precision": float("nan")}
+        return {"map_at_r": float("nan"), "r_precision": float("nan"), "precision_at_1": float("nan")}
     max_r = int(r.max())
-    if neighbors.shape[1] < max_r:
-        raise ValueError(f"MAP@R needs {max_r} neighbours per query, got {neighbors.shape[1]}")
-    hits = (labels[neighbors[:, :max_r]] == labels[:, None]).astype(np.float64)
-    within_r = np.arange(max_r)[None, :] < r[:, None]
-    hits *= within_r
-    precision_at_i = np.cumsum(hits, axis=1) / np.arange(1, max_r + 1)[None, :]
-    rr = np.maximum(r, 1)
-    ap = (precision_at_i * hits).sum(axis=1) / rr
-    rp = hits.sum(axis=1) / rr
-    return {"map_at_r": float(ap[valid].mean()), "r_precision": float(rp[valid].mean())}
+    if hits.shape[1] < max_r:
+        raise ValueError(f"MAP@R needs {max_r} neighbours per query, got {hits.shape[1]}")
+    h = hits[valid, :max_r].astype(np.float64)
+    rv = r[valid]
+    h *= np.arange(max_r)[None, :] < rv[:, None]
+    precision_at_i = np.cumsum(h, axis=1) / np.arange(1, max_r + 1)[None, :]
+    return {
+        "map_at_r": float(((precision_at_i * h).sum(axis=1) / rv).mean()),
+        "r_precision": float((h.sum(axis=1) / rv).mean()),
+        "precision_at_1": float(h[:, 0].mean()),
+    }
 
 
-def nmi(embeddings: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
-    """NMI of k-means clusters (k = number of classes) against the labels."""
+def nmi(embeddings: np.ndarray, labels: np.ndarray, seed: int = 0, niter: int = 20) -> float:
+    """NMI of k-means clusters (k = number of classes) vs the labels.
+
+    FAISS k-means with 20 iterations as pytorch-metric-learning runs it, but spherical (centroids renormalised),
+    the natural choice for L2-normalised embeddings.
+    """
     import faiss
 
     k = len(np.unique(labels))
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
-    km = faiss.Kmeans(x.shape[1], k, niter=50, seed=seed, verbose=False, spherical=True,
-                      min_points_per_centroid=1, max_points_per_centroid=1 << 20)
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, spherical=True, min_points_per_centroid=1,
+                      max_points_per_centroid=max(256, -(-len(x) // k)))
     km.train(x)
     _, assign = km.index.search(x, 1)
     return float(normalized_mutual_info_score(labels, assign[:, 0]))
 
 
+def neighbours_needed(query_labels: np.ndarray, ref_labels: np.ndarray | None, recall_at: Iterable[int]) -> int:
+    self_search = ref_labels is None
+    r = relevant_counts(query_labels, query_labels if self_search else ref_labels, self_search)
+    return max(max(recall_at), int(r.max()))
+
+
 def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, recall_at: Iterable[int] = (1, 2, 4, 8),
-                      seed: int = 0) -> dict[str, float]:
+                      seed: int = 0, gallery: np.ndarray | None = None, gallery_labels: np.ndarray | None = None,
+                      knn_backend: str = "auto", with_neighbors: bool = False):
+    """The full metric set, as one flat dict.
+
+    Without a gallery every row queries all *other* rows (the standard protocol); with one (In-Shop), every
+    row queries the gallery. NMI clusters the query embeddings. ``with_neighbors`` also returns the k-NN
+    indices (for plots).
+    """
     ks = sorted(set(recall_at))
     labels = np.asarray(labels)
-    max_r = int(np.unique(labels, return_counts=True)[1].max()) - 1
-    neighbors = knn(embeddings, max(ks[-1], max_r))
-    out = recall_at_k(neighbors, labels, ks)
-    out.update(map_at_r(neighbors, labels))
+    self_search = gallery is None
+    ref_labels = labels if self_search else np.asarray(gallery_labels)
+    neighbors = knn(embeddings, neighbours_needed(labels, None if self_search else ref_labels, ks), gallery,
+                    backend=knn_backend)
+    hits = _relevant(neighbors, labels, ref_labels)
+    out = recall_at_k(hits, ks)
+    out.update(map_at_r(hits, relevant_counts(labels, ref_labels, self_search)))
     out["nmi"] = nmi(embeddings, labels, seed)
-    return out
+    return (out, neighbors) if with_neighbors else out
 
 
 @torch.no_grad()
@@ -125,3 +123,39 @@ def embed_split(model: torch.nn.Module, manifest: dict, root: str, split: str = 
             keys += list(key)
             bar.update(len(cls))
     return np.concatenate(embs), np.concatenate(labels), keys
+
+
+@dataclass
+class Evaluation:
+    """What one evaluation produced: the metrics, and what the plots need."""
+
+    metrics: dict[str, float]
+    embeddings: np.ndarray
+    labels: np.ndarray
+    neighbors: np.ndarray
+    query_split: str
+    ref_split: str | None = None
+    ref_labels: np.ndarray | None = None
+
+
+def protocol_splits(manifest: dict, split: str) -> tuple[str, str | None]:
+    """(query split, gallery split or None): In-Shop style manifests evaluate 'test' as query vs gallery."""
+    splits = manifest["splits"]
+    if split == "test" and "test" not in splits and {"query", "gallery"} <= set(splits):
+        return "query", "gallery"
+    if split not in splits:
+        raise ValueError(f"split {split!r} is not in the manifest; it has: {', '.join(splits)}")
+    return split, None
+
+
+def evaluate_model(model: torch.nn.Module, manifest: dict, root: str, split: str = "test",
+                   recall_at: Iterable[int] = (1, 2, 4, 8), batch_size: int = 256, seed: int = 0,
+                   device: str | torch.device = "cpu", progress: bool = True) -> Evaluation:
+    """Embed a split (and its gallery, if any) in this process and compute the metrics once."""
+    query_split, gallery_split = protocol_splits(manifest, split)
+    emb, labels, _ = embed_split(model, manifest, root, query_split, batch_size, device, progress)
+    gallery = gallery_labels = None
+    if gallery_split:
+        gallery, gallery_labels, _ = embed_split(model, manifest, root, gallery_split, batch_size, device, progress)
+    metrics, neighbors = retrieval_metrics(emb, labels, recall_at, seed, gallery, gallery_labels, with_neighbors=True)
+    return Evaluation(metrics, emb, labels, neighbors, query_split, gallery_split, gallery_labels)

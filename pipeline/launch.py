@@ -130,13 +130,47 @@ def fit(cfg: Config, run_id: str, uri: str, name: str, local: bool, progress: bo
     return result.checkpoint.path, history
 
 
-def evaluate_checkpoint(checkpoint: str, cfg: Config, manifest: dict[str, Any], progress: bool = True) -> dict[str, float]:
-    from pipeline.evaluate import embed_split, retrieval_metrics
+def evaluate_checkpoint(checkpoint: str, cfg: Config, manifest: dict[str, Any], split: str = "test",
+                        progress: bool = True):
+    """Load a checkpoint's model and evaluate it on a split, in this process."""
+    from pipeline.evaluate import evaluate_model
     from pipeline.train import load_model
 
     model, _, _ = load_model(checkpoint)
-    emb, labels, _ = embed_split(model, manifest, cfg.data.root, "test", cfg.eval.batch_size, progress=progress)
-    return retrieval_metrics(emb, labels, cfg.eval.recall_at, seed=cfg.train.seed)
+    return evaluate_model(model, manifest, cfg.data.root, split, cfg.eval.recall_at, cfg.eval.batch_size,
+                          seed=cfg.train.seed, progress=progress)
+
+
+def log_evaluation(uri: str, run_id: str, ev: Any, manifest: dict[str, Any], root: str, prefix: str,
+                   plots: bool = True, seed: int = 0) -> None:
+    """Metrics as ``<prefix>/<key>``; plots (Recall@K curve, retrieval grid, t-SNE) under ``plots/``."""
+    import numpy as np
+    from matplotlib import pyplot as plt
+
+    from pipeline import plots as figures
+    from pipeline.data.stream import load_images
+
+    tracking.log_metrics(uri, run_id, {f"{prefix}/{k}": v for k, v in ev.metrics.items()})
+    if not plots:
+        return
+    rng = np.random.default_rng(seed)
+    queries = sorted(rng.choice(len(ev.labels), size=min(8, len(ev.labels)), replace=False).tolist())
+    top = min(5, ev.neighbors.shape[1])
+    wanted_refs = {int(j) for q in queries for j in ev.neighbors[q, :top]}
+    if ev.ref_split is None:
+        query_images = ref_images = load_images(manifest, root, ev.query_split, set(queries) | wanted_refs)
+    else:
+        query_images = load_images(manifest, root, ev.query_split, set(queries))
+        ref_images = load_images(manifest, root, ev.ref_split, wanted_refs)
+    ref_labels = ev.labels if ev.ref_labels is None else ev.ref_labels
+    for name, fig in (
+        ("recall_at_k", figures.recall_curve({prefix: ev.metrics})),
+        ("retrieval", figures.retrieval_grid(query_images, ref_images, ev.labels, ref_labels, ev.neighbors,
+                                             queries, top)),
+        ("tsne", figures.projection(ev.embeddings, ev.labels, seed=seed)),
+    ):
+        tracking.log_figure(uri, run_id, fig, f"plots/{prefix}_{name}.png")
+        plt.close(fig)
 
 
 def run_name(cfg: Config, variant: str | None = None) -> str:
@@ -152,7 +186,7 @@ def variant_of(cfg: Config) -> str:
 
 
 def train_and_evaluate(cfg: Config, local: bool = False, name: str | None = None, progress: bool = True,
-                       tags: dict[str, str] | None = None) -> RunResult:
+                       tags: dict[str, str] | None = None, plots: bool = True) -> RunResult:
     """One training run followed by its zero-shot evaluation, all logged to one MLflow run."""
     cfg = resolve_paths(cfg)
     check_model(cfg)
@@ -169,9 +203,11 @@ def train_and_evaluate(cfg: Config, local: bool = False, name: str | None = None
     started = time.perf_counter()
     try:
         checkpoint, history = fit(cfg, run_id, uri, name, local, progress)
-        metrics = evaluate_checkpoint(checkpoint, cfg, manifest, progress)
         seconds = time.perf_counter() - started
-        tracking.log_metrics(uri, run_id, {**{f"test/{k}": v for k, v in metrics.items()}, "train_seconds": seconds})
+        ev = evaluate_checkpoint(checkpoint, cfg, manifest, "test", progress)
+        metrics = ev.metrics
+        tracking.log_metrics(uri, run_id, {"train_seconds": seconds})
+        log_evaluation(uri, run_id, ev, manifest, cfg.data.root, "test", plots=plots, seed=cfg.train.seed)
         tracking.log_artifacts(uri, run_id, checkpoint, "checkpoint")
     except BaseException:
         tracking.end_run(uri, run_id, "FAILED")

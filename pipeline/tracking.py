@@ -90,6 +90,17 @@ def log_figure(uri: str, run_id: str, figure: Any, artifact_file: str) -> None:
     MlflowClient(uri).log_figure(run_id, figure, artifact_file)
 
 
+def download_checkpoint(uri: str, run_id: str, dst: str | Path) -> str:
+    """The run's ``checkpoint`` artifact, downloaded into ``dst``; its local directory."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=str(dst), tracking_uri=uri)
+    except MlflowException as err:
+        raise FileNotFoundError(f"--run {run_id}: no checkpoint artifact in {uri} ({str(err).splitlines()[0]})") from None
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     from mlflow.tracking import MlflowClient
 

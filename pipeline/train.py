@@ -25,7 +25,8 @@ import torch.distributed as dist
 import ray.train
 import ray.train.torch
 from pipeline import tracking
-from pipeline.config import Config
+from pipeline import config as config_mod
+from pipeline.config import Config, ConfigError
 from pipeline.data.shards import load_manifest
 from pipeline.data.stream import BalancedStream, train_loader, train_transform
 from pipeline.model.adversary import adversary_lambda
@@ -74,8 +75,12 @@ def save_checkpoint(directory: Path, module: TrainModule, optimizer: torch.optim
 
 def load_model(checkpoint_dir: str | Path) -> tuple[Embedder, Config, dict[str, Any]]:
     """The trained model (eval mode, CPU), its config and the raw checkpoint of a checkpoint directory."""
-    state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    cfg = Config.model_validate(state["config"])
+    path = Path(checkpoint_dir) / CHECKPOINT_FILE
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        cfg = config_mod.from_dict(state["config"])
+    except ConfigError as err:
+        raise ConfigError(f"{path}: its config does not fit this version of gdml ({err})") from None
     model = Embedder(cfg.model.model_copy(update={"pretrained": None}), state["num_train_classes"],
                      cfg.data.image_size)
     model.load_state_dict(state["model"])

@@ -1,6 +1,9 @@
 """Training through the real worker function: local mode (one process) and Ray Train with 2 gloo workers."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +12,9 @@ from mlflow.tracking import MlflowClient
 from pipeline.launch import train_and_evaluate
 from pipeline.train import CHECKPOINT_FILE, load_model
 
-METRICS = {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "r_precision", "nmi"}
+METRICS = {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "r_precision", "precision_at_1",
+           "nmi"}
+PLOTS = {"plots/test_recall_at_k.png", "plots/test_retrieval.png", "plots/test_tsne.png"}
 
 
 def _check_mlflow(result, epochs):
@@ -23,6 +28,7 @@ def _check_mlflow(result, epochs):
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"checkpoint", "config.yaml"} <= artifacts
     assert CHECKPOINT_FILE in {a.path.split("/")[-1] for a in client.list_artifacts(result.run_id, "checkpoint")}
+    assert {a.path for a in client.list_artifacts(result.run_id, "plots")} == PLOTS
 
 
 @pytest.mark.slow
@@ -37,12 +43,24 @@ def test_local_training_logs_metrics_and_a_safe_checkpoint(tiny_cfg):
     model, loaded_cfg, _ = load_model(result.checkpoint)
     assert loaded_cfg.model == cfg.model and model.adversary is not None
 
+    # gdml eval on the run: the same numbers again (one process, same data), plus the seen-class split.
+    for split in ("test", "train"):
+        proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", "--run", result.run_id, "--split", split],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": result.tracking_uri})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert run.data.metrics["test/recall_at_1"] == pytest.approx(result.metrics["recall_at_1"])
+    assert "train/map_at_r" in run.data.metrics
+    assert "plots/train_retrieval.png" in {a.path for a in MlflowClient(result.tracking_uri).list_artifacts(result.run_id, "plots")}
+
 
 @pytest.mark.slow
 def test_training_reduces_the_metric_loss(tiny_cfg):
     train = tiny_cfg.train.model_copy(update={"epochs": 6, "lr": 3e-3, "lr_heads": 3e-3})
     model = tiny_cfg.model.model_copy(update={"adversary": tiny_cfg.model.adversary.model_copy(update={"enabled": False})})
-    result = train_and_evaluate(tiny_cfg.model_copy(update={"train": train, "model": model}), local=True, progress=False)
+    result = train_and_evaluate(tiny_cfg.model_copy(update={"train": train, "model": model}), local=True,
+                                progress=False, plots=False)
     losses = [m.value for m in MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "loss_dml")]
     assert losses[-1] < losses[0]
 
@@ -87,7 +105,7 @@ def test_every_loss_trains_with_the_full_framework(tiny_cfg, loss_name):
         "train": tiny_cfg.train.model_copy(update={"max_steps_per_epoch": 2, "name": f"loss-{loss_name}"}),
     })
     assert cfg.model.attention.enabled and cfg.model.adversary.enabled
-    result = train_and_evaluate(cfg, local=True, progress=False)
+    result = train_and_evaluate(cfg, local=True, progress=False, plots=False)
     assert set(result.metrics) == METRICS
     state = torch.load(f"{result.checkpoint}/{CHECKPOINT_FILE}", weights_only=True)
     if loss_name.startswith("proxy"):

@@ -226,12 +226,12 @@ def train_loader(stream: BalancedStream) -> DataLoader:
 class SplitImages(IterableDataset):
     """Every image of a split once, in manifest order, for embedding (no augmentation)."""
 
-    def __init__(self, manifest: dict, root: str, split: str) -> None:
+    def __init__(self, manifest: dict, root: str, split: str, raw: bool = False) -> None:
         super().__init__()
         self.urls = [shard_url(root, s["file"]) for s in manifest["splits"][split]["shards"]]
-        self.transform = eval_transform()
+        self.transform = (lambda img: img) if raw else eval_transform()
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, str]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | Image.Image, int, str]]:
         data = wds.WebDataset(self.urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
                               handler=wds.warn_and_continue, empty_check=False)
         for sample in data:
@@ -242,3 +242,14 @@ class SplitImages(IterableDataset):
                 continue
             meta = json.loads(sample["json"]) if "json" in sample else {}
             yield self.transform(img), cls, f"{meta.get('class', cls)}/{meta.get('image', sample['__key__'])}"
+
+
+def load_images(manifest: dict, root: str, split: str, indices: set[int]) -> dict[int, Image.Image]:
+    """The decoded images at the given positions of a split's embedding order (for plots)."""
+    out = {}
+    for i, (img, _, _) in enumerate(SplitImages(manifest, root, split, raw=True)):
+        if i in indices:
+            out[i] = img
+            if len(out) == len(indices):
+                break
+    return out

@@ -1,0 +1,72 @@
+"""Figures of an evaluation: Recall@K curve, retrieval grid, 2-D projection of the embeddings."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on workers or CI
+
+import numpy as np  # noqa: E402
+from matplotlib import pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+
+
+def recall_curve(runs: dict[str, dict[str, float]], title: str = "Recall@K on unseen classes") -> Figure:
+    """Recall@K against K (log scale), one line per run."""
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
+    for name, metrics in runs.items():
+        ks = sorted(int(k.rsplit("_", 1)[1]) for k in metrics if k.startswith("recall_at_"))
+        ax.plot(ks, [metrics[f"recall_at_{k}"] for k in ks], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("K")
+    ax.set_ylabel("Recall@K")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def retrieval_grid(query_images: dict[int, Image.Image], ref_images: dict[int, Image.Image], labels: np.ndarray,
+                   ref_labels: np.ndarray, neighbors: np.ndarray, queries: list[int], top: int = 5) -> Figure:
+    """Each row: a query, then its ``top`` neighbours framed green (same class) or red (wrong)."""
+    fig, axes = plt.subplots(len(queries), top + 1, figsize=(1.3 * (top + 1), 1.35 * len(queries)), dpi=110,
+                             squeeze=False)
+    for row, q in enumerate(queries):
+        cells = [(query_images.get(q), "query", "black")]
+        for j in neighbors[q, :top]:
+            right = ref_labels[j] == labels[q]
+            cells.append((ref_images.get(int(j)), "" if right else "wrong", "#2a9d3f" if right else "#d62828"))
+        for col, (img, caption, color) in enumerate(cells):
+            ax = axes[row, col]
+            if img is not None:
+                ax.imshow(ImageOps.expand(img.convert("RGB"), border=max(2, img.width // 16), fill=color))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if caption:
+                ax.set_title(caption, fontsize=7, color=color)
+    fig.suptitle("queries and their nearest neighbours (red: another class)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def projection(embeddings: np.ndarray, labels: np.ndarray, max_points: int = 1500, seed: int = 0) -> Figure:
+    """t-SNE of (a seeded sample of) the embeddings, coloured by class."""
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(embeddings), size=min(max_points, len(embeddings)), replace=False)
+    x, y = embeddings[idx], labels[idx]
+    perplexity = float(min(30, max(2, len(x) // 4)))
+    points = TSNE(2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(x)
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
+    ax.scatter(points[:, 0], points[:, 1], c=y % 20, cmap="tab20", s=6, linewidths=0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"t-SNE of {len(x)} embeddings ({len(np.unique(y))} classes)")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.evaluate import map_at_r, nmi, relevant_counts, retrieval_metrics
+
+
+def random_embeddings(n=120, d=8, classes=12, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    centers = rng.normal(size=(classes, d))
+    emb = centers[labels] + rng.normal(scale=0.8, size=(n, d))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return emb.astype(np.float32), labels
+
+
+def brute_force(query, q_labels, ref=None, r_labels=None, ks=(1, 2, 4, 8)):
+    """Plain numpy: full similarity matrix, stable sort by (-score, index)."""
+    self_search = ref is None
+    ref, r_labels = (query, q_labels) if self_search else (ref, r_labels)
+    sims = query.astype(np.float64) @ ref.astype(np.float64).T
+    out = {f"recall_at_{k}": [] for k in ks}
+    aps, rps, p1s = [], [], []
+    for i in range(len(query)):
+        order = sorted(range(len(ref)), key=lambda j: (-sims[i, j], j))
+        if self_search:
+            order = [j for j in order if j != i]
+        rel = [r_labels[j] == q_labels[i] for j in order]
+        for k in ks:
+            out[f"recall_at_{k}"].append(any(rel[:k]))
+        r = sum(rel)
+        if r:
+            precisions = [sum(rel[: j + 1]) / (j + 1) for j in range(r)]
+            aps.append(sum(p for p, hit in zip(precisions, rel[:r]) if hit) / r)
+            rps.append(sum(rel[:r]) / r)
+            p1s.append(rel[0])
+    res = {k: float(np.mean(v)) for k, v in out.items()}
+    res.update(map_at_r=float(np.mean(aps)), r_precision=float(np.mean(rps)), precision_at_1=float(np.mean(p1s)))
+    return res
+
+
+def test_standard_protocol_matches_brute_force():
+    emb, labels = random_embeddings()
+    ours = retrieval_metrics(emb, labels)
+    expected = brute_force(emb, labels)
+    assert {k: ours[k] for k in expected} == pytest.approx(expected)
+
+
+def test_gallery_protocol_matches_brute_force():
+    q, ql = random_embeddings(60, seed=1)
+    g, gl = random_embeddings(90, seed=2)
+    ours = retrieval_metrics(q, ql, gallery=g, gallery_labels=gl)
+    expected = brute_force(q, ql, g, gl)
+    assert {k: ours[k] for k in expected} == pytest.approx(expected)
+
+
+def test_map_at_r_by_hand():
+    # Query 0 (class a, R=2): neighbours a, b, a -> AP@R = (1/1 + 0) / 2 = 0.5; R-precision = 1/2.
+    # Query 1 (class a, R=2): neighbours b, a, a -> (0 + 1/2) / 2 = 0.25; R-precision = 1/2.
+    # Query 2 (class a, R=2): neighbours a, a, b -> (1 + 1) / 2 = 1.0; R-precision = 1.
+    # Query 3 (class b, R=0): no relevant item, left out.
+    labels = np.array([0, 0, 0, 1])
+    neighbors = np.array([[1, 3, 2], [3, 0, 2], [0, 1, 3], [0, 1, 2]])
+    hits = labels[neighbors] == labels[:, None]
+    out = map_at_r(hits, relevant_counts(labels, labels, self_search=True))
+    assert out["map_at_r"] == pytest.approx((0.5 + 0.25 + 1.0) / 3)
+    assert out["r_precision"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+    assert out["precision_at_1"] == pytest.approx(2 / 3)
+
+
+def test_tied_embeddings_give_deterministic_metrics():
+    emb = np.repeat(np.eye(4, dtype=np.float32), 3, axis=0)  # 4 classes x 3 identical points
+    labels = np.repeat(np.arange(4), 3)
+    labels_shuffled = labels.copy()
+    labels_shuffled[[0, 3]] = labels_shuffled[[3, 0]]  # one swap: that point sits among another class's copies
+    first = retrieval_metrics(emb, labels_shuffled)
+    assert first == retrieval_metrics(emb, labels_shuffled)
+    assert retrieval_metrics(emb, labels)["map_at_r"] == 1.0
+    expected = brute_force(emb, labels_shuffled)
+    assert {k: first[k] for k in expected} == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("gallery", [False, True])
+def test_agrees_with_pytorch_metric_learning(gallery):
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    emb, labels = random_embeddings(n=300, classes=20, seed=1)
+    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r", "r_precision"),
+                              k="max_bin_count")
+    if gallery:
+        g, gl = random_embeddings(n=200, classes=20, seed=4)
+        ours = retrieval_metrics(emb, labels, recall_at=[1], gallery=g, gallery_labels=gl)
+        theirs = calc.get_accuracy(torch.from_numpy(emb), torch.from_numpy(labels), torch.from_numpy(g),
+                                   torch.from_numpy(gl), ref_includes_query=False)
+    else:
+        ours = retrieval_metrics(emb, labels, recall_at=[1])
+        theirs = calc.get_accuracy(torch.from_numpy(emb), torch.from_numpy(labels))
+    assert ours["precision_at_1"] == pytest.approx(theirs["precision_at_1"], abs=1e-6)
+    assert ours["map_at_r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-6)
+    assert ours["r_precision"] == pytest.approx(theirs["r_precision"], abs=1e-6)
+
+
+def test_nmi_is_high_for_separated_clusters_and_low_for_noise():
+    _, labels = random_embeddings(n=200, classes=5, seed=2)
+    sep = np.eye(8, dtype=np.float32)[labels] + 0.01 * np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
+    scores = [nmi(sep, labels, seed=s) for s in range(4)]
+    assert min(scores) > 0.8 and max(scores) == pytest.approx(1.0)  # k-means may merge two clusters from a bad start
+    noise = np.random.default_rng(3).normal(size=(200, 8)).astype(np.float32)
+    assert nmi(noise, labels) < 0.2
