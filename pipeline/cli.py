@@ -72,8 +72,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.config, args.overrides)
     result = train_and_evaluate(cfg, local=args.local)
     print(_format_metrics_table({result.name: result.metrics}))
-    print(f"\nMLflow run {result.run_id} ({result.tracking_uri}); browse: "
-          f"{_ui_hint(result.tracking_uri)}\ncheckpoint: {result.checkpoint}")
+    if result.run_id:
+        print(f"\nMLflow run {result.run_id} ({result.tracking_uri}); browse: {_ui_hint(result.tracking_uri)}")
+    print(f"checkpoint: {result.checkpoint}\nrun again with --set train.name={result.name} to resume it")
     return 0
 
 
@@ -122,7 +123,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(_format_metrics_table({k: r.metrics for k, r in results.items()},
                                 {"train seconds": {k: f"{r.seconds:.0f}" for k, r in results.items()}}))
     print(f"\ndemo took {elapsed:.0f} s. MLflow runs: " + ", ".join(f"{k}={r.run_id}" for k, r in results.items()))
-    print(f"browse them: {_ui_hint(first.tracking_uri)}  (experiment '{cfg.tracking.experiment}', tag demo={stamp})")
+    if first.tracking_uri:
+        print(f"browse them: {_ui_hint(first.tracking_uri)}  (experiment '{cfg.tracking.experiment}', tag demo={stamp})")
     return 0
 
 
@@ -161,10 +163,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ev = evaluate_checkpoint(checkpoint, cfg, manifest, args.split)
         run_id = args.run or tracking.start_run(uri, cfg.tracking.experiment, f"eval-{Path(checkpoint).name}",
                                                 tags={"evaluates": str(Path(checkpoint).resolve())})
-        log_evaluation(uri, run_id, ev, manifest, cfg.data.root, args.split, plots=not args.no_plots,
+        tracker = tracking.Tracker(uri, run_id)
+        log_evaluation(tracker, ev, manifest, cfg.data.root, args.split, plots=not args.no_plots,
                        seed=cfg.train.seed)
         if not args.run:
-            tracking.end_run(uri, run_id)
+            tracker.end()
     print(_format_metrics_table({args.split: ev.metrics}))
     print(f"\nlogged to MLflow run {run_id} as {args.split}/<metric>" + ("" if args.no_plots else f" with plots/{args.split}_*.png"))
     return 0
@@ -196,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gdml: config error: {err}", file=sys.stderr)
         return 2
     except FileNotFoundError as err:
+        print(f"gdml: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        from pipeline.tracking import TrackingUnavailable
+
+        if not isinstance(err, TrackingUnavailable):
+            raise
         print(f"gdml: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -143,9 +143,27 @@ class TrainConfig(_Section):
     max_steps_per_epoch: int | None = Field(None, ge=1)
     """Cap steps per epoch (quick runs, tests)."""
     storage_path: str = "ray_results"
-    """Where Ray Train keeps checkpoints; made absolute (Ray needs it so)."""
+    """Where checkpoints go: a local path (made absolute; Ray needs it so) or s3:// / gs://."""
     name: str | None = None
-    """Run name (default: derived from the variant and time)."""
+    """Run name (default: derived from the variant and time). Running again with the same name resumes it."""
+    max_failures: int = Field(2, ge=-1)
+    """Ray Train restarts after a worker is lost, each from the last checkpoint (-1: no limit)."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss or gradient: stop with a message naming epoch, step and term, or skip the step (counted)."""
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    """Mixed precision: auto = bf16 on GPUs that support it, fp16 with loss scaling on others, off on CPU."""
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    """Memory format of images and model: auto = channels_last on GPU."""
+
+
+class FaultConfig(_Section):
+    """Fault injection, for testing recovery: each fault happens once per run."""
+
+    crash_rank: int | None = Field(None, ge=0)
+    crash_step: int | None = Field(None, ge=1)
+    """Kill worker ``crash_rank`` (its process exits) when it reaches this global step."""
+    nan_step: int | None = Field(None, ge=1)
+    """Make the loss NaN at this global step (on every rank)."""
 
 
 class EvalConfig(_Section):
@@ -157,6 +175,8 @@ class TrackingConfig(_Section):
     uri: str | None = None
     """MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db."""
     experiment: str = "gdml"
+    required: bool = True
+    """An unreachable tracking server stops the run before training; false: warn loudly and train untracked."""
 
 
 class Config(_Section):
@@ -168,6 +188,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    fault: FaultConfig = FaultConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class RunResult:
     name: str
-    run_id: str
-    tracking_uri: str
+    run_id: str | None
+    tracking_uri: str | None
     checkpoint: str
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
@@ -91,23 +91,51 @@ def init_ray() -> None:
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
 
 
-def fit(cfg: Config, run_id: str, uri: str, name: str, local: bool, progress: bool = True,
+def latest_checkpoint(storage_path: str, name: str) -> str | None:
+    """The newest ``checkpoint_epoch=NNNN`` directory of a run (local path or s3:// / gs://), if any."""
+    import pyarrow.fs
+
+    from pipeline.train import CHECKPOINT_FILE
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(storage_path) if "://" in storage_path else \
+        (pyarrow.fs.LocalFileSystem(), storage_path)
+    run_dir = f"{base.rstrip('/')}/{name}"
+    try:
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True))
+    except (OSError, FileNotFoundError):
+        return None
+    names = sorted(e.base_name for e in entries if e.type == pyarrow.fs.FileType.Directory
+                   and e.base_name.startswith("checkpoint_epoch="))
+    for candidate in reversed(names):
+        path = f"{run_dir}/{candidate}"
+        if fs.get_file_info(f"{path}/{CHECKPOINT_FILE}").type == pyarrow.fs.FileType.File:
+            return path if "://" not in storage_path else f"{storage_path.rstrip('/')}/{name}/{candidate}"
+    return None
+
+
+def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress: bool = True,
         extra: dict[str, Any] | None = None) -> tuple[str, list[dict]]:
     """Train with Ray Train (or in-process); returns the final checkpoint directory and per-epoch metrics.
 
+    A run whose storage already holds checkpoints (the same ``name``) resumes from the newest one.
     ``extra`` adds keys to the worker's config (e.g. ``trace_dir``, see ``pipeline.train``).
     """
-    from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.train import train_loop_per_worker
 
-    storage = Path(cfg.train.storage_path) if "://" not in cfg.train.storage_path else None
-    loop_config = {"cfg": cfg.to_dict(), "mlflow_uri": uri, "mlflow_run_id": run_id, "progress": progress,
-                   **(extra or {})}
+    storage = cfg.train.storage_path
+    loop_config = {"cfg": cfg.to_dict(), "mlflow_uri": tracker.uri, "mlflow_run_id": tracker.run_id,
+                   "progress": progress, "resume_from": latest_checkpoint(storage, name), **(extra or {})}
+    if loop_config["resume_from"]:
+        log.info("resuming %s from %s", name, loop_config["resume_from"])
+    if "://" not in storage:
+        loop_config["fault_marker"] = str(Path(storage) / name / ".fault-injected")
     if local:
-        assert storage is not None, "local mode keeps checkpoints on a local path"
-        loop_config["checkpoint_root"] = str(storage / name)
+        if "://" in storage:
+            raise ConfigError(f"train.storage_path: local mode keeps checkpoints on a local path, got {storage}")
+        loop_config["checkpoint_root"] = str(Path(storage) / name)
         scaling = ScalingConfig(num_workers=0)
     else:
         init_ray()
@@ -117,17 +145,19 @@ def fit(cfg: Config, run_id: str, uri: str, name: str, local: bool, progress: bo
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=scaling,
-        run_config=RunConfig(name=name, storage_path=cfg.train.storage_path,
+        run_config=RunConfig(name=name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
     result = trainer.fit()
-    if result.checkpoint is None:
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else loop_config["resume_from"]
+    if checkpoint is None:
         raise RuntimeError(f"run {name} finished without a checkpoint")
     history = []
     if result.metrics_dataframe is not None:
         history = result.metrics_dataframe.to_dict("records")
-    return result.checkpoint.path, history
+    return checkpoint, history
 
 
 def evaluate_checkpoint(checkpoint: str, cfg: Config, manifest: dict[str, Any], split: str = "test",
@@ -141,7 +171,7 @@ def evaluate_checkpoint(checkpoint: str, cfg: Config, manifest: dict[str, Any], 
                           seed=cfg.train.seed, progress=progress)
 
 
-def log_evaluation(uri: str, run_id: str, ev: Any, manifest: dict[str, Any], root: str, prefix: str,
+def log_evaluation(tracker: tracking.Tracker, ev: Any, manifest: dict[str, Any], root: str, prefix: str,
                    plots: bool = True, seed: int = 0) -> None:
     """Metrics as ``<prefix>/<key>``; plots (Recall@K curve, retrieval grid, t-SNE) under ``plots/``."""
     import numpy as np
@@ -150,8 +180,8 @@ def log_evaluation(uri: str, run_id: str, ev: Any, manifest: dict[str, Any], roo
     from pipeline import plots as figures
     from pipeline.data.stream import load_images
 
-    tracking.log_metrics(uri, run_id, {f"{prefix}/{k}": v for k, v in ev.metrics.items()})
-    if not plots:
+    tracker.log_metrics({f"{prefix}/{k}": v for k, v in ev.metrics.items()})
+    if not plots or not tracker.enabled:
         return
     rng = np.random.default_rng(seed)
     queries = sorted(rng.choice(len(ev.labels), size=min(8, len(ev.labels)), replace=False).tolist())
@@ -169,8 +199,22 @@ def log_evaluation(uri: str, run_id: str, ev: Any, manifest: dict[str, Any], roo
                                              queries, top)),
         ("tsne", figures.projection(ev.embeddings, ev.labels, seed=seed)),
     ):
-        tracking.log_figure(uri, run_id, fig, f"plots/{prefix}_{name}.png")
+        tracker.log_figure(fig, f"plots/{prefix}_{name}.png")
         plt.close(fig)
+
+
+def open_tracking(cfg: Config) -> str | None:
+    """The tracking URI, checked before any training: unreachable -> stop (or, if not required, go untracked)."""
+    uri = cfg.tracking.uri
+    assert uri is not None
+    problem = tracking.check_reachable(uri)
+    if problem is None:
+        return uri
+    if cfg.tracking.required:
+        raise tracking.TrackingUnavailable(f"{problem}; nothing was trained. Start it, point MLFLOW_TRACKING_URI "
+                                           "elsewhere, or set tracking.required=false to train untracked")
+    log.warning("!!! %s: training WITHOUT tracking (tracking.required=false); nothing goes to MLflow !!!", problem)
+    return None
 
 
 def run_name(cfg: Config, variant: str | None = None) -> str:
@@ -190,27 +234,26 @@ def train_and_evaluate(cfg: Config, local: bool = False, name: str | None = None
     """One training run followed by its zero-shot evaluation, all logged to one MLflow run."""
     cfg = resolve_paths(cfg)
     check_model(cfg)
+    uri = open_tracking(cfg)
     manifest = shards.ensure(cfg.data)
     check_data(cfg, manifest, 1 if local else cfg.train.workers)
-    uri = cfg.tracking.uri
-    assert uri is not None
     variant = variant_of(cfg)
     name = name or run_name(cfg, variant)
-    run_id = tracking.start_run(uri, cfg.tracking.experiment, name,
-                                tags={"variant": variant, "mode": "local" if local else "ray", **(tags or {})})
-    tracking.log_params(uri, run_id, cfg.flat())
-    tracking.log_dict(uri, run_id, cfg.to_dict(), "config.yaml")
+    tracker = tracking.Tracker.open(uri, cfg.tracking.experiment, name,
+                                    tags={"variant": variant, "mode": "local" if local else "ray", **(tags or {})})
+    tracker.log_params(cfg.flat())
+    tracker.log_dict(cfg.to_dict(), "config.yaml")
     started = time.perf_counter()
     try:
-        checkpoint, history = fit(cfg, run_id, uri, name, local, progress)
+        checkpoint, history = fit(cfg, tracker, name, local, progress)
         seconds = time.perf_counter() - started
         ev = evaluate_checkpoint(checkpoint, cfg, manifest, "test", progress)
         metrics = ev.metrics
-        tracking.log_metrics(uri, run_id, {"train_seconds": seconds})
-        log_evaluation(uri, run_id, ev, manifest, cfg.data.root, "test", plots=plots, seed=cfg.train.seed)
-        tracking.log_artifacts(uri, run_id, checkpoint, "checkpoint")
+        tracker.log_metrics({"train_seconds": seconds})
+        log_evaluation(tracker, ev, manifest, cfg.data.root, "test", plots=plots, seed=cfg.train.seed)
+        tracker.log_artifacts(checkpoint, "checkpoint")
     except BaseException:
-        tracking.end_run(uri, run_id, "FAILED")
+        tracker.end("FAILED")
         raise
-    tracking.end_run(uri, run_id)
-    return RunResult(name, run_id, uri, checkpoint, metrics, history, seconds)
+    tracker.end()
+    return RunResult(name, tracker.run_id, tracker.uri, checkpoint, metrics, history, seconds)

@@ -111,3 +111,88 @@ def ui_hint(uri: str) -> str:
     if uri.startswith("sqlite:") or "://" not in uri:
         return f"mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"
     return f"open {uri} in a browser"
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server did not answer at start."""
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> str | None:
+    """None when the store answers, else one line saying why (only servers are probed; local stores are files)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import requests
+
+    try:
+        response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+        response.raise_for_status()
+    except requests.RequestException as err:
+        return f"MLflow tracking server {uri} is unreachable ({type(err).__name__})"
+    return None
+
+
+class Tracker:
+    """One MLflow run, or nothing at all when tracking is off: every call is then a no-op."""
+
+    def __init__(self, uri: str | None, run_id: str | None) -> None:
+        self.uri, self.run_id = uri, run_id
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.uri and self.run_id)
+
+    @classmethod
+    def open(cls, uri: str | None, experiment: str, name: str, tags: dict[str, str]) -> "Tracker":
+        """Continue the run of this name if the experiment has one (a resumed training), else start one."""
+        if uri is None:
+            return cls(None, None)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        exp_id = experiment_id(uri, experiment)
+        found = client.search_runs([exp_id], filter_string=f"tags.`gdml.run_name` = '{name}'", max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+            return cls(uri, run_id)
+        return cls(uri, start_run(uri, experiment, name, {**tags, "gdml.run_name": name}))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params; in a continued run, params cannot change: changed values are kept as tags instead."""
+        if not self.enabled:
+            return
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.uri)
+        old = client.get_run(self.run_id).data.params
+        log_params(self.uri, self.run_id, {k: v for k, v in params.items() if k not in old})
+        for key, value in params.items():
+            if key in old and old[key] != str(value)[:6000]:
+                client.set_tag(self.run_id, f"resumed_with.{key}", f"{old[key]} -> {value}")
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.enabled:
+            log_metrics(self.uri, self.run_id, metrics, step)
+
+    def logged_steps(self, key: str) -> set[int]:
+        if not self.enabled:
+            return set()
+        from mlflow.tracking import MlflowClient
+
+        return {m.step for m in MlflowClient(self.uri).get_metric_history(self.run_id, key)}
+
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
+        if self.enabled:
+            log_dict(self.uri, self.run_id, data, artifact_file)
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
+        if self.enabled:
+            log_artifacts(self.uri, self.run_id, local_dir, artifact_path)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        if self.enabled:
+            log_figure(self.uri, self.run_id, figure, artifact_file)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            end_run(self.uri, self.run_id, status)

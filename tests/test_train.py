@@ -77,9 +77,9 @@ def test_two_ray_workers_train_disjoint_data_and_log_to_mlflow(tiny_cfg, tmp_pat
     trace.mkdir()
     real_fit = launch.fit
 
-    def traced_fit(cfg, run_id, uri, name, local, progress=True):
+    def traced_fit(cfg, tracker, name, local, progress=True):
         # Same driver code, plus the worker's trace_dir option.
-        return real_fit(cfg, run_id, uri, name, local, progress, extra={"trace_dir": str(trace)})
+        return real_fit(cfg, tracker, name, local, progress, extra={"trace_dir": str(trace)})
 
     monkeypatch.setattr(launch, "fit", traced_fit)
     cfg = tiny_cfg.model_copy(update={"train": tiny_cfg.train.model_copy(update={"epochs": 2, "workers": 2})})
