@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     shard_sub = p.add_subparsers(dest="shards_command", required=True)
     b = shard_sub.add_parser("build", help="build (or reuse) the shards of data.source under data.root")
     _add_config_args(b)
+    b.add_argument("--source", help="data.source: emoji, cub, cars196, sop, inshop, folder")
+    b.add_argument("--path", help="data.path: the raw dataset's folder")
+    b.add_argument("--out", help="data.root: where the shards go")
+    b.add_argument("--shard-size", type=int, help="data.shard_max_samples: target images per shard")
+    b.add_argument("--max-side", type=int, help="data.max_side: re-encode images to at most this side")
+    b.add_argument("--workers", type=int, help="data.build_workers: processes writing shards")
     b.add_argument("--force", action="store_true", help="rebuild even if matching shards exist")
     return parser
 
@@ -132,10 +138,20 @@ def cmd_shards(args: argparse.Namespace) -> int:
     from pipeline.data import shards
     from pipeline.launch import resolve_paths
 
-    cfg = resolve_paths(config_mod.load(args.config, args.overrides))
+    flags = {"source": "data.source", "path": "data.path", "out": "data.root", "shard_size": "data.shard_max_samples",
+             "max_side": "data.max_side", "workers": "data.build_workers"}
+    extra = [f"{key}={getattr(args, flag)}" for flag, key in flags.items() if getattr(args, flag) is not None]
+    cfg = resolve_paths(config_mod.load(args.config, [*args.overrides, *extra]))
+    if args.force:
+        for record in Path(cfg.data.root).glob("*.tar.json"):
+            record.unlink()
     manifest = shards.build(cfg.data) if args.force else shards.ensure(cfg.data)
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['classes']} classes, {info['samples']} images, {len(info['shards'])} shards")
+    if manifest.get("bad"):
+        print(f"left out {len(manifest['bad'])} unreadable images (listed in the manifest under 'bad'), e.g.:")
+        for line in manifest["bad"][:5]:
+            print(f"  {line}")
     print(f"manifest: {Path(cfg.data.root) / shards.MANIFEST}")
     return 0
 
@@ -202,12 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gdml: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
+        from pipeline.data.shards import ShardBuildError
         from pipeline.tracking import TrackingUnavailable
 
-        if not isinstance(err, TrackingUnavailable):
+        if not isinstance(err, (TrackingUnavailable, ShardBuildError)):
             raise
         print(f"gdml: {err}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(err, TrackingUnavailable) else 1
     except KeyboardInterrupt:
         print("gdml: interrupted", file=sys.stderr)
         return 130

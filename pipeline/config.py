@@ -24,9 +24,13 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["emoji"] = "emoji"
+    source: Literal["emoji", "cub", "cars196", "sop", "inshop", "folder"] = "emoji"
+    """emoji (embedded), cub, cars196, sop, inshop (their published layouts under data.path), folder."""
+    path: str | None = None
+    """The raw dataset's folder (all sources but emoji)."""
     root: str = "data/emoji"
-    """Where the shards and manifest.json live (built there on first use)."""
+    """Where the shards and manifest.json live (built there on first use). Also s3://, gs://, http(s)://, or a
+    'pipe:' command with {file} in it for reading."""
     image_size: int = Field(64, ge=16, le=512)
     """Side in pixels that images are drawn at and fed to the model."""
     styles: list[Literal["twemoji", "openmoji", "noto"]] = ["twemoji", "openmoji", "noto"]
@@ -34,8 +38,17 @@ class DataConfig(_Section):
     max_classes: int | None = Field(None, ge=4)
     """Keep only this many classes (evenly spread over code points): for tests and quick runs."""
     train_fraction: float = Field(0.5, gt=0.0, lt=1.0)
-    """The first fraction of classes (sorted by code point) trains; the rest are the unseen test classes."""
+    """Sources without a published split (emoji, folder): the first fraction of classes trains."""
+    train_classes: int | list[str] | None = None
+    """folder source: the first N class folders (sorted) train, or the named ones; None: train_fraction."""
     shard_max_samples: int = Field(1000, ge=1)
+    """Target samples per shard (a shard closes only at a class boundary)."""
+    max_side: int | None = Field(None, ge=16)
+    """Re-encode images so that their longer side is at most this (JPEG); None: keep the files as they are."""
+    max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    """Building fails if more than this fraction of images cannot be read (they are listed either way)."""
+    build_workers: int = Field(2, ge=1)
+    """Processes that write shards in parallel."""
 
 
 class SamplerConfig(_Section):
@@ -49,6 +62,9 @@ class SamplerConfig(_Section):
     """DataLoader worker processes per training rank (0 = decode in the training process)."""
     shuffle_buffer: int = Field(256, ge=1)
     """How many class groups the stream shuffles among."""
+    remainder: Literal["pad", "drop"] = "pad"
+    """Classes left over after whole batches on every rank: pad (refill the last batches with the epoch's first
+    classes, so every class is seen each epoch) or drop (one strict pass; they wait for a later epoch)."""
 
     @model_validator(mode="after")
     def _batch_is_p_times_m(self) -> "SamplerConfig":

@@ -109,10 +109,11 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, recall_at: Ite
 
 @torch.no_grad()
 def embed_split(model: torch.nn.Module, manifest: dict, root: str, split: str = "test", batch_size: int = 256,
-                device: str | torch.device = "cpu", progress: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                device: str | torch.device = "cpu", progress: bool = True, image_size: int = 64
+                ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Embeddings, labels and keys of every image of a split (one process)."""
     model.eval()
-    data = DataLoader(SplitImages(manifest, root, split), batch_size=batch_size)
+    data = DataLoader(SplitImages(manifest, root, split, image_size=image_size), batch_size=batch_size)
     total = manifest["splits"][split]["samples"]
     embs, labels, keys = [], [], []
     with tqdm(total=total, desc=f"embed {split}", unit="img", disable=not progress) as bar:
@@ -150,12 +151,13 @@ def protocol_splits(manifest: dict, split: str) -> tuple[str, str | None]:
 
 def evaluate_model(model: torch.nn.Module, manifest: dict, root: str, split: str = "test",
                    recall_at: Iterable[int] = (1, 2, 4, 8), batch_size: int = 256, seed: int = 0,
-                   device: str | torch.device = "cpu", progress: bool = True) -> Evaluation:
+                   device: str | torch.device = "cpu", progress: bool = True, image_size: int = 64) -> Evaluation:
     """Embed a split (and its gallery, if any) in this process and compute the metrics once."""
     query_split, gallery_split = protocol_splits(manifest, split)
-    emb, labels, _ = embed_split(model, manifest, root, query_split, batch_size, device, progress)
+    emb, labels, _ = embed_split(model, manifest, root, query_split, batch_size, device, progress, image_size)
     gallery = gallery_labels = None
     if gallery_split:
-        gallery, gallery_labels, _ = embed_split(model, manifest, root, gallery_split, batch_size, device, progress)
+        gallery, gallery_labels, _ = embed_split(model, manifest, root, gallery_split, batch_size, device, progress,
+                                                 image_size)
     metrics, neighbors = retrieval_metrics(emb, labels, recall_at, seed, gallery, gallery_labels, with_neighbors=True)
     return Evaluation(metrics, emb, labels, neighbors, query_split, gallery_split, gallery_labels)

@@ -33,7 +33,10 @@ class RunResult:
 
 def resolve_paths(cfg: Config) -> Config:
     """Absolute paths for everything a worker touches (Ray workers run in their own directories)."""
-    data = cfg.data.model_copy(update={"root": str(Path(cfg.data.root).resolve())})
+    root = cfg.data.root if "://" in cfg.data.root or cfg.data.root.startswith("pipe:") else \
+        str(Path(cfg.data.root).resolve())
+    path = str(Path(cfg.data.path).resolve()) if cfg.data.path else None
+    data = cfg.data.model_copy(update={"root": root, "path": path})
     storage = cfg.train.storage_path
     if "://" not in storage:
         storage = str(Path(storage).resolve())
@@ -67,7 +70,7 @@ def check_data(cfg: Config, manifest: dict[str, Any], world_size: int) -> None:
     """Checks that need the manifest: is there enough data for one batch on every rank and worker?"""
     groups = manifest["splits"]["train"]["classes"]
     slots = world_size * max(1, cfg.sampler.loader_workers)
-    if batches_per_slot(groups, slots, cfg.sampler.classes_per_batch) == 0:
+    if batches_per_slot(groups, slots, cfg.sampler.classes_per_batch, pad=False) == 0:
         raise ConfigError(
             f"sampler.classes_per_batch: {cfg.sampler.classes_per_batch} classes x {world_size} ranks x "
             f"{max(1, cfg.sampler.loader_workers)} loader workers needs at least "
@@ -168,7 +171,7 @@ def evaluate_checkpoint(checkpoint: str, cfg: Config, manifest: dict[str, Any], 
 
     model, _, _ = load_model(checkpoint)
     return evaluate_model(model, manifest, cfg.data.root, split, cfg.eval.recall_at, cfg.eval.batch_size,
-                          seed=cfg.train.seed, progress=progress)
+                          seed=cfg.train.seed, progress=progress, image_size=cfg.data.image_size)
 
 
 def log_evaluation(tracker: tracking.Tracker, ev: Any, manifest: dict[str, Any], root: str, prefix: str,

@@ -55,7 +55,7 @@ def test_missing_file_is_one_clear_error(tmp_path):
     ("args", "expected"),
     [
         (["train", "--set", "model.attention.taps=[layer9]"], "model.attention.taps: 'layer9' is not a layer of resnet18"),
-        (["train", "--set", "data.imagesize=3"], "data.imagesize: unknown key; allowed: source, root, image_size"),
+        (["train", "--set", "data.imagesize=3"], "data.imagesize: unknown key; allowed: source, path, root, image_size"),
         (["train", "--set", "loss.params={margin: 0.2}"], "loss.params: 'margin' is not a parameter of multi_similarity"),
     ],
 )

@@ -3,25 +3,33 @@
 Layout of a shard set::
 
     <root>/manifest.json
-    <root>/train-00000.tar ...
-    <root>/test-00000.tar ...
+    <root>/train-00000.tar ...   (and test-*, or query-* / gallery-* for In-Shop)
 
-Each sample is ``<key>.png`` (the image), ``<key>.cls`` (the global class id) and ``<key>.json``
-(class key and image key). All images of a class sit next to each other in one shard (a shard is only
-closed at a class boundary), so the stream can form class-balanced batches without a global index;
-the manifest lists, per shard, its ordered groups ``[class_id, count]``, which is what lets every rank
+Each sample is ``<key>.png`` or ``<key>.jpg`` (the image), ``<key>.cls`` (the global class id) and
+``<key>.json`` (class key and image key). All images of a class in a split sit next to each other in one
+shard (a shard closes only at a class boundary), so the stream can form class-balanced batches without a
+global index; the manifest lists, per shard, its ordered groups ``[class_id, count]``, which lets every rank
 plan an equal share of an epoch without reading any data.
+
+Building is deterministic (the same input gives byte-identical shards, whatever the number of processes),
+parallel (one task per shard), and resumable: each finished shard leaves a ``<shard>.json`` record next to
+it, and a rerun skips shards whose record matches the plan. Unreadable images are listed and left out.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import webdataset as wds
+from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.config import DataConfig
@@ -30,20 +38,26 @@ from pipeline.data.sources import ClassItems, encode_png, iter_source
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-SPLITS = ("train", "test")
+FORMAT_VERSION = 2
 _FIXED_MTIME = 0.0  # byte-identical shards for identical input
+
+
+class ShardBuildError(RuntimeError):
+    pass
 
 
 def source_params(cfg: DataConfig) -> dict[str, Any]:
     """What determines the shards' content: a manifest built with other values is rebuilt."""
     return {
         "source": cfg.source,
-        "image_size": cfg.image_size,
-        "styles": list(cfg.styles),
+        "path": str(Path(cfg.path).resolve()) if cfg.path else None,
+        "image_size": cfg.image_size if cfg.source == "emoji" else None,
+        "styles": list(cfg.styles) if cfg.source == "emoji" else None,
         "max_classes": cfg.max_classes,
         "train_fraction": cfg.train_fraction,
+        "train_classes": cfg.train_classes,
         "shard_max_samples": cfg.shard_max_samples,
+        "max_side": cfg.max_side,
     }
 
 
@@ -63,89 +77,187 @@ def split_classes(n_classes: int, train_fraction: float) -> int:
     return n_train
 
 
-def _write_split(
-    root: Path, split: str, classes: list[tuple[int, ClassItems]], max_samples: int, progress: tqdm
-) -> list[dict[str, Any]]:
-    shards: list[dict[str, Any]] = []
-    writer: wds.TarWriter | None = None
-    current: dict[str, Any] = {}
+@lru_cache(maxsize=2)
+def _items(params_json: str) -> list[ClassItems]:
+    """The source's classes (cached per process: shard tasks in one worker share one listing)."""
+    p = json.loads(params_json)
+    return iter_source(p["source"], path=p["path"], image_size=p["image_size"] or 64, styles=p["styles"],
+                       max_classes=p["max_classes"], train_classes=p["train_classes"])
 
-    def close() -> None:
-        nonlocal writer
-        if writer is not None:
-            writer.close()
-            path = root / current["file"]
-            current["sha256"] = _sha256(path)
-            current["bytes"] = path.stat().st_size
-            shards.append(current)
-            writer = None
 
-    for class_id, item in classes:
-        images = []
-        for image_key, load in item.images:
-            try:
-                images.append((image_key, encode_png(load())))
-            except Exception as err:  # an unreadable image is left out, never fatal
-                log.warning("left out %s/%s: %s", item.key, image_key, err)
-        progress.update(1)
-        if not images:
-            continue
-        if writer is None or current["samples"] >= max_samples:
-            close()
-            current = {"file": f"{split}-{len(shards):05d}.tar", "samples": 0, "groups": []}
-            writer = wds.TarWriter(str(root / current["file"]), mtime=_FIXED_MTIME)
-        for image_key, png in images:
-            writer.write(
-                {
-                    "__key__": f"{item.key}_{image_key}",
-                    "png": png,
-                    "cls": str(class_id).encode(),
+def _class_splits(items: list[ClassItems], train_fraction: float) -> list[str]:
+    if all(it.split is not None for it in items):
+        return [str(it.split) for it in items]
+    n_train = split_classes(len(items), train_fraction)
+    return ["train" if i < n_train else "test" for i in range(len(items))]
+
+
+def plan(cfg: DataConfig) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
+    """Classes (id, key, name, split) and, per split, the shards: files and the images each holds."""
+    params = source_params(cfg)
+    items = _items(json.dumps(params, sort_keys=True))
+    if not items:
+        raise ShardBuildError(f"data.path: the {cfg.source} source found no classes")
+    splits_of_class = _class_splits(items, cfg.train_fraction)
+    classes = [{"id": i, "key": it.key, "name": it.name, "split": sp}
+               for i, (it, sp) in enumerate(zip(items, splits_of_class))]
+    per_split: dict[str, list[tuple[int, list[int]]]] = {}
+    for cid, (item, split) in enumerate(zip(items, splits_of_class)):
+        by_split: dict[str, list[int]] = {}
+        for j in range(len(item.images)):
+            by_split.setdefault(item.image_splits[j] if item.image_splits else split, []).append(j)
+        for s, idx in by_split.items():
+            per_split.setdefault(s, []).append((cid, idx))
+    shards: dict[str, list[dict[str, Any]]] = {}
+    for split in sorted(per_split):
+        current: dict[str, Any] | None = None
+        for cid, idx in per_split[split]:
+            if current is None or current["planned"] >= cfg.shard_max_samples:
+                current = {"file": f"{split}-{len(shards.get(split, [])):05d}.tar", "planned": 0, "images": []}
+                shards.setdefault(split, []).append(current)
+            current["images"].append([cid, idx])
+            current["planned"] += len(idx)
+    return classes, shards
+
+
+def _encode(load: Any, max_side: int | None, drawn: bool) -> tuple[str, bytes]:
+    """(extension, bytes): drawn images as PNG; files copied as they are unless re-encoded to ``max_side``."""
+    img = load()  # decodes fully: unreadable or truncated images raise here
+    path = getattr(load, "path", None)
+    if max_side is None and path is not None and Path(path).suffix.lower() in (".jpg", ".jpeg", ".png"):
+        return ("png" if Path(path).suffix.lower() == ".png" else "jpg"), Path(path).read_bytes()
+    if drawn and max_side is None:
+        return "png", encode_png(img)
+    if max_side is not None and max(img.size) > max_side:
+        img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95)
+    return "jpg", buf.getvalue()
+
+
+def _record_path(out: Path, file: str) -> Path:
+    return out / f"{file}.json"
+
+
+def _plan_digest(shard: dict[str, Any], params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps([shard["images"], params], sort_keys=True).encode()).hexdigest()
+
+
+def write_shard(out: str, shard: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Write one shard (in a worker process) and its record; returns the record."""
+    items = _items(json.dumps(params, sort_keys=True))
+    out_dir = Path(out)
+    tmp = out_dir / f".{shard['file']}.partial"
+    record: dict[str, Any] = {"file": shard["file"], "samples": 0, "groups": [], "bad": [],
+                              "plan": _plan_digest(shard, params)}
+    with wds.TarWriter(str(tmp), mtime=_FIXED_MTIME) as writer:
+        for cid, idx in shard["images"]:
+            item, written = items[cid], 0
+            for j in idx:
+                image_key, load = item.images[j]
+                try:
+                    ext, data = _encode(load, params["max_side"], drawn=params["source"] == "emoji")
+                except Exception as err:  # noqa: BLE001 - an unreadable image is left out and listed, never fatal
+                    record["bad"].append(f"{getattr(load, 'path', f'{item.key}/{image_key}')}: {type(err).__name__}")
+                    continue
+                writer.write({
+                    "__key__": f"{item.key}_{image_key}".replace(".", "_"),
+                    ext: data,
+                    "cls": str(cid).encode(),
                     "json": json.dumps({"class": item.key, "image": image_key}).encode(),
-                }
-            )
-        current["samples"] += len(images)
-        current["groups"].append([class_id, len(images)])
-    close()
-    return shards
+                })
+                written += 1
+            if written:
+                record["groups"].append([cid, written])
+                record["samples"] += written
+    os.replace(tmp, out_dir / shard["file"])
+    record["sha256"] = _sha256(out_dir / shard["file"])
+    record["bytes"] = (out_dir / shard["file"]).stat().st_size
+    _record_path(out_dir, shard["file"]).write_text(json.dumps(record))
+    return record
 
 
-def build(cfg: DataConfig, root: str | Path | None = None) -> dict[str, Any]:
-    """Draw the source into train/test shards and write the manifest (last, so a half build is not reused)."""
+def _done(out: Path, shard: dict[str, Any], params: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of a shard finished by an earlier (interrupted) build of the same plan, if any."""
+    try:
+        record = json.loads(_record_path(out, shard["file"]).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    tar = out / shard["file"]
+    if record.get("plan") != _plan_digest(shard, params) or not tar.is_file() or tar.stat().st_size != record["bytes"]:
+        return None
+    return record
+
+
+def build(cfg: DataConfig, root: str | Path | None = None, workers: int | None = None) -> dict[str, Any]:
+    """Build the shards and the manifest (written last, so a half build is never taken as complete)."""
     out = Path(root or cfg.root).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
-    items = list(iter_source(cfg.source, image_size=cfg.image_size, styles=list(cfg.styles),
-                             max_classes=cfg.max_classes))
-    n_train = split_classes(len(items), cfg.train_fraction)
-    classes = [
-        {"id": i, "key": it.key, "name": it.name, "split": "train" if i < n_train else "test"}
-        for i, it in enumerate(items)
-    ]
+    params = source_params(cfg)
+    classes, planned = plan(cfg)
+    tasks = [(split, i, shard) for split, shards in planned.items() for i, shard in enumerate(shards)]
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    todo = []
+    for split, i, shard in tasks:
+        record = _done(out, shard, params)
+        if record is None:
+            todo.append((split, i, shard))
+        else:
+            records[(split, i)] = record
+    if records:
+        log.info("resuming: %d of %d shards already built in %s", len(records), len(tasks), out)
+    workers = max(1, min(workers or cfg.build_workers, len(todo) or 1))
+    total = sum(s["planned"] for _, _, s in todo)
+    with tqdm(total=total, desc=f"shards {out.name}", unit="img") as bar:
+        if workers == 1:
+            for split, i, shard in todo:
+                records[(split, i)] = write_shard(str(out), shard, params)
+                bar.update(shard["planned"])
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = {pool.submit(write_shard, str(out), shard, params): (split, i, shard)
+                           for split, i, shard in todo}
+                for future in futures:  # in plan order; results are independent of completion order
+                    split, i, shard = futures[future]
+                    records[(split, i)] = future.result()
+                    bar.update(shard["planned"])
     splits: dict[str, Any] = {}
-    with tqdm(total=len(items), desc=f"shards {out.name}", unit="class") as progress:
-        for split in SPLITS:
-            chosen = [(c["id"], items[c["id"]]) for c in classes if c["split"] == split]
-            shards = _write_split(out, split, chosen, cfg.shard_max_samples, progress)
-            splits[split] = {
-                "classes": sum(len(s["groups"]) for s in shards),
-                "samples": sum(s["samples"] for s in shards),
-                "shards": shards,
-            }
-    counts = {g[0]: g[1] for s in splits.values() for sh in s["shards"] for g in sh["groups"]}
+    bad: list[str] = []
+    for split, shards in planned.items():
+        recs = [records[(split, i)] for i in range(len(shards))]
+        bad += [b for r in recs for b in r["bad"]]
+        splits[split] = {
+            "classes": len({g[0] for r in recs for g in r["groups"]}),
+            "samples": sum(r["samples"] for r in recs),
+            "shards": [{k: r[k] for k in ("file", "samples", "groups", "sha256", "bytes")} for r in recs],
+        }
+    total_images = sum(s["samples"] for s in splits.values()) + len(bad)
+    if bad:
+        log.warning("left out %d unreadable images, e.g. %s", len(bad), bad[:3])
+    if total_images and len(bad) / total_images > cfg.max_bad_fraction:
+        raise ShardBuildError(f"{len(bad)} of {total_images} images are unreadable (over data.max_bad_fraction="
+                              f"{cfg.max_bad_fraction}); first: {'; '.join(bad[:3])}")
+    counts: dict[int, int] = {}
+    for info in splits.values():
+        for sh in info["shards"]:
+            for cid, n in sh["groups"]:
+                counts[cid] = counts.get(cid, 0) + n
     for c in classes:
         c["count"] = counts.get(c["id"], 0)
-    manifest = {
-        "format": FORMAT_VERSION,
-        "params": source_params(cfg),
-        "classes": classes,
-        "splits": splits,
-    }
+    manifest = {"format": FORMAT_VERSION, "params": params, "classes": classes, "splits": splits, "bad": bad}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     log.info("built %s: %s", out, {k: (v["classes"], v["samples"]) for k, v in splits.items()})
     return manifest
 
 
 def load_manifest(root: str | Path) -> dict[str, Any]:
+    root_s = str(root)
+    if "://" in root_s or root_s.startswith("pipe:"):
+        from pipeline.data.stream import shard_url
+
+        with wds.gopen(shard_url(root_s, MANIFEST)) as f:
+            return json.loads(f.read())
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest; build the shards first (gdml shards build)")
@@ -168,7 +280,9 @@ def is_current(root: str | Path, cfg: DataConfig) -> bool:
 
 
 def ensure(cfg: DataConfig) -> dict[str, Any]:
-    """Reuse the shards under ``cfg.root`` when they match the config; build them otherwise."""
+    """Reuse the shards under ``cfg.root`` when they match the config (or are remote); build them otherwise."""
+    if "://" in cfg.root or cfg.root.startswith("pipe:"):
+        return load_manifest(cfg.root)  # remote shards are built elsewhere and only read here
     if is_current(cfg.root, cfg):
         log.info("reusing shards in %s", Path(cfg.root).resolve())
         return load_manifest(cfg.root)

@@ -36,6 +36,10 @@ class ClassItems:
     name: str
     images: list[tuple[str, Callable[[], Image.Image]]] = field(default_factory=list)
     """(image key, loader) pairs; the image key is unique within the class (e.g. the style name)."""
+    split: str | None = None
+    """The class's split where the dataset defines it (train/test); None: decided by ``data.train_fraction``."""
+    image_splits: list[str] | None = None
+    """Per-image splits where the dataset splits a class's images (In-Shop: query/gallery)."""
 
 
 def _package_dir(module: str) -> Path | None:
@@ -165,8 +169,138 @@ def encode_png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def iter_source(name: str, **kwargs) -> Iterator[ClassItems]:
+class FileImage:
+    """A loader for an image file; the shard builder may copy its bytes instead of re-encoding."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __call__(self) -> Image.Image:
+        with Image.open(self.path) as im:
+            im.load()  # decode fully here: a truncated file fails now, not later
+            return im.convert("RGB")
+
+
+def _open_file(path: Path) -> FileImage:
+    return FileImage(path)
+
+
+def _need(root: Path, *names: str) -> None:
+    for name in names:
+        if not (root / name).exists():
+            raise FileNotFoundError(f"data.path: {root} has no {name} (expected the dataset's published layout)")
+
+
+def _read_rows(path: Path, header: bool = False) -> list[list[str]]:
+    lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    return lines[1:] if header else lines
+
+
+def _grouped(rows: list[tuple[str, str, Path]], split_of: Callable[[str], str | None],
+             names: dict[str, str] | None = None) -> list[ClassItems]:
+    """(class key, image key, path) rows -> classes in order of first appearance."""
+    classes: dict[str, ClassItems] = {}
+    for cls, image_key, path in rows:
+        item = classes.setdefault(cls, ClassItems(cls, (names or {}).get(cls, cls), split=split_of(cls)))
+        item.images.append((image_key, _open_file(path)))
+    return list(classes.values())
+
+
+def cub_classes(root: Path) -> list[ClassItems]:
+    """CUB-200-2011: classes 1-100 train, 101-200 test."""
+    _need(root, "images.txt", "image_class_labels.txt", "classes.txt")
+    paths = dict(_read_rows(root / "images.txt"))
+    labels = dict(_read_rows(root / "image_class_labels.txt"))
+    names = {r[0]: " ".join(r[1:]) for r in _read_rows(root / "classes.txt")}
+    rows = sorted(((labels[i], i, root / "images" / paths[i]) for i in paths), key=lambda r: (int(r[0]), int(r[1])))
+    return _grouped([(f"{int(c):03d}", i, p) for c, i, p in rows],
+                    lambda c: "train" if int(c) <= 100 else "test", {f"{int(k):03d}": v for k, v in names.items()})
+
+
+def cars196_classes(root: Path) -> list[ClassItems]:
+    """Cars196 (``cars_annos.mat``): classes 1-98 train, 99-196 test."""
+    from scipy.io import loadmat
+
+    _need(root, "cars_annos.mat")
+    mat = loadmat(root / "cars_annos.mat", squeeze_me=True)
+    names = {f"{i + 1:03d}": str(n) for i, n in enumerate(mat["class_names"])}
+    rows = []
+    for ann in mat["annotations"]:
+        path = str(ann["relative_im_path"])
+        rows.append((int(ann["class"]), Path(path).stem, root / path))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    return _grouped([(f"{c:03d}", i, p) for c, i, p in rows], lambda c: "train" if int(c) <= 98 else "test", names)
+
+
+def sop_classes(root: Path) -> list[ClassItems]:
+    """Stanford Online Products: ``Ebay_train.txt`` trains, ``Ebay_test.txt`` tests (class-disjoint)."""
+    _need(root, "Ebay_train.txt", "Ebay_test.txt")
+    out = []
+    for split, listing in (("train", "Ebay_train.txt"), ("test", "Ebay_test.txt")):
+        rows = [(f"{int(r[1]):05d}", r[0], root / r[3]) for r in _read_rows(root / listing, header=True)]
+        rows.sort(key=lambda r: (r[0], int(r[1])))
+        out += _grouped(rows, lambda _c, s=split: s)
+    return out
+
+
+def inshop_classes(root: Path) -> list[ClassItems]:
+    """In-Shop Clothes (``list_eval_partition.txt``): train items; test items split into query and gallery."""
+    _need(root, "list_eval_partition.txt")
+    rows = _read_rows(root / "list_eval_partition.txt")[2:]  # a count line, then a header line
+    classes: dict[str, ClassItems] = {}
+    for image_name, item_id, status in sorted(rows, key=lambda r: (r[1], r[0])):
+        item = classes.setdefault(item_id, ClassItems(item_id, item_id, split="train" if status == "train" else "test",
+                                                      image_splits=[]))
+        item.images.append((Path(image_name).stem, _open_file(root / image_name)))
+        item.image_splits.append(status)
+    return list(classes.values())
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def folder_classes(root: Path, train_classes: int | list[str] | None) -> list[ClassItems]:
+    """One sub-folder per class, sorted by name. Train classes: the first N, the named ones, or by fraction."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.path: {root} is not a directory")
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    if not folders:
+        raise FileNotFoundError(f"data.path: {root} has no class sub-folders")
+    if isinstance(train_classes, list):
+        unknown = set(train_classes) - {p.name for p in folders}
+        if unknown:
+            raise ValueError(f"data.train_classes: no such class folders in {root}: {sorted(unknown)[:5]}")
+
+    def split_of(name: str, index: int) -> str | None:
+        if train_classes is None:
+            return None
+        if isinstance(train_classes, int):
+            return "train" if index < train_classes else "test"
+        return "train" if name in train_classes else "test"
+
+    out = []
+    for index, folder in enumerate(folders):
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        item = ClassItems(folder.name, folder.name, split=split_of(folder.name, index))
+        item.images = [(p.stem, _open_file(p)) for p in files]
+        out.append(item)
+    return out
+
+
+SOURCES = ("emoji", "cub", "cars196", "sop", "inshop", "folder")
+
+
+def iter_source(name: str, path: str | None = None, image_size: int = 64, styles: list[str] | None = None,
+                max_classes: int | None = None, train_classes: int | list[str] | None = None) -> list[ClassItems]:
+    """The classes of a source, in the order that defines splits and class ids."""
     if name == "emoji":
-        yield from emoji_classes(**kwargs)
-    else:  # the config's Literal type keeps other names out
-        raise ValueError(f"unknown source {name!r}")
+        return emoji_classes(image_size, list(styles or ["twemoji", "openmoji", "noto"]), max_classes)
+    if path is None:
+        raise ValueError(f"data.path: the {name} source reads a dataset folder; set data.path")
+    root = Path(path)
+    readers = {"cub": cub_classes, "cars196": cars196_classes, "sop": sop_classes, "inshop": inshop_classes}
+    classes = folder_classes(root, train_classes) if name == "folder" else readers[name](root)
+    if max_classes is not None and max_classes < len(classes):
+        step = len(classes) / max_classes
+        classes = [classes[int(i * step)] for i in range(max_classes)]
+    return classes

@@ -35,8 +35,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def eval_transform() -> T.Compose:
-    return T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def eval_transform(image_size: int) -> T.Compose:
+    """Shorter side to ``image_size``, centre crop (the identity for square images of that size)."""
+    return T.Compose([T.ToImage(), T.Resize(image_size, antialias=True), T.CenterCrop(image_size),
+                      T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def train_transform(aug: AugmentConfig, image_size: int) -> T.Compose:
@@ -51,7 +53,17 @@ def train_transform(aug: AugmentConfig, image_size: int) -> T.Compose:
 
 
 def shard_url(root: str, file: str) -> str:
-    """A shard's location: a path under a local root, or the root URL (s3://, gs://, http(s)://) joined."""
+    """A shard's location, as WebDataset opens it.
+
+    Local paths; ``http(s)://`` and ``gs://`` URLs (curl, gsutil); ``s3://`` (through the AWS CLI:
+    ``pipe:aws s3 cp URL -``); or any ``pipe:`` command with ``{file}`` where the file name goes.
+    """
+    if root.startswith("pipe:"):
+        if "{file}" not in root:
+            raise ValueError(f"data.root: a pipe: command needs {{file}} where the shard name goes, got {root!r}")
+        return root.replace("{file}", file)
+    if root.startswith("s3://"):
+        return f"pipe:aws s3 cp {root.rstrip('/')}/{file} -"
     return f"{root.rstrip('/')}/{file}" if "://" in root else str(Path(root) / file)
 
 
@@ -73,12 +85,19 @@ class Slot:
         return self.world_size * self.num_workers
 
 
-def batches_per_slot(n_groups: int, slots: int, classes_per_batch: int) -> int:
-    return n_groups // (slots * classes_per_batch)
+def batches_per_slot(n_groups: int, slots: int, classes_per_batch: int, pad: bool = True) -> int:
+    per_batch = slots * classes_per_batch
+    return -(-n_groups // per_batch) if pad else n_groups // per_batch
 
 
-def plan_epoch(shards: list[dict], slot: Slot, classes_per_batch: int, seed: int, epoch: int) -> tuple[list[str], set[int], int]:
-    """The shard files, class ids and number of batches of one slot in one epoch (same on every rank)."""
+def plan_epoch(shards: list[dict], slot: Slot, classes_per_batch: int, seed: int, epoch: int,
+               pad: bool = True) -> tuple[list[str], dict[int, int], int]:
+    """The shard files, class ids (with how often each is drawn) and batches of one slot in one epoch.
+
+    ``pad``: the epoch's last batches are filled up with the first groups again, so every class is seen in
+    every epoch; otherwise the remainder (fewer than slots x P groups) waits for a later epoch and no group
+    is drawn twice. The plan is the same on every rank: it depends on the manifest, seed and epoch only.
+    """
     rng = random.Random(f"{seed}/{epoch}/plan")  # str seeds are hashed stably across processes
     order = list(range(len(shards)))
     rng.shuffle(order)
@@ -86,18 +105,30 @@ def plan_epoch(shards: list[dict], slot: Slot, classes_per_batch: int, seed: int
     if flat:
         offset = rng.randrange(len(flat))
         flat = flat[offset:] + flat[:offset]
-    n_batches = batches_per_slot(len(flat), slot.count, classes_per_batch)
+    n_batches = batches_per_slot(len(flat), slot.count, classes_per_batch, pad)
     per_slot = n_batches * classes_per_batch
+    needed = per_slot * slot.count
+    while pad and flat and len(flat) < needed:
+        flat += flat[:needed - len(flat)]
     piece = flat[slot.index * per_slot:(slot.index + 1) * per_slot]
     files = []
     for shard_index, _ in piece:
         if shards[shard_index]["file"] not in files:
             files.append(shards[shard_index]["file"])
-    return files, {cls for _, cls in piece}, n_batches
+    draws: dict[int, int] = {}
+    for _, cls in piece:
+        draws[cls] = draws.get(cls, 0) + 1
+    return files, draws, n_batches
+
+
+IMAGE_FIELDS = ("jpg", "png", "jpeg", "webp")
 
 
 def _decode(sample: dict) -> tuple[Image.Image, int]:
-    with Image.open(io.BytesIO(sample["png"])) as im:
+    data = next((sample[k] for k in IMAGE_FIELDS if k in sample), None)
+    if data is None:
+        raise ValueError(f"sample {sample.get('__key__')} has no image")
+    with Image.open(io.BytesIO(data)) as im:
         img = im.convert("RGB")
     return img, int(sample["cls"])
 
@@ -146,10 +177,11 @@ class BalancedStream(IterableDataset):
         """Batches each rank yields per epoch; identical on every rank."""
         workers = max(1, self.sampler.loader_workers)
         n_groups = sum(len(s["groups"]) for s in self.shards)
-        per_slot = batches_per_slot(n_groups, self.world_size * workers, self.sampler.classes_per_batch)
+        per_slot = batches_per_slot(n_groups, self.world_size * workers, self.sampler.classes_per_batch,
+                                    self.sampler.remainder == "pad")
         return per_slot * workers
 
-    def _groups(self, files: list[str], wanted: set[int]) -> Iterator[tuple[int, list[Image.Image]]]:
+    def _groups(self, files: list[str], wanted: dict[int, int]) -> Iterator[tuple[int, list[Image.Image]]]:
         """Consecutive samples of a wanted class, as (class id, images); bad samples skipped and counted."""
         urls = [shard_url(self.root, f) for f in files]
 
@@ -178,6 +210,12 @@ class BalancedStream(IterableDataset):
         if images:
             yield current, images
 
+    def _draws(self, files: list[str], draws: dict[int, int]) -> Iterator[tuple[int, list[Image.Image]]]:
+        """Each planned class group, as often as the plan draws it."""
+        for cls, images in self._groups(files, draws):
+            for _ in range(draws[cls]):
+                yield cls, images
+
     def _batch(self, groups: list[tuple[int, list[Image.Image]]], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.sampler.images_per_class
         pics, labels = [], []
@@ -189,16 +227,15 @@ class BalancedStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         slot = self._slot()
-        files, wanted, n_batches = plan_epoch(
-            self.shards, slot, self.sampler.classes_per_batch, self.seed, self.epoch
-        )
+        files, draws, n_batches = plan_epoch(self.shards, slot, self.sampler.classes_per_batch, self.seed, self.epoch,
+                                             self.sampler.remainder == "pad")
         rng = random.Random(f"{self.seed}/{self.epoch}/{slot.index}/batches")
         torch.manual_seed(random.Random(f"{self.seed}/{self.epoch}/{slot.index}/augment").getrandbits(63))
         P = self.sampler.classes_per_batch
         buffer: list[tuple[int, list[Image.Image]]] = []
         seen: list[tuple[int, list[Image.Image]]] = []
         emitted = 0
-        source = self._groups(files, wanted)
+        source = self._draws(files, draws)
         while emitted < n_batches:
             for group in source:
                 buffer.append(group)
@@ -226,10 +263,10 @@ def train_loader(stream: BalancedStream) -> DataLoader:
 class SplitImages(IterableDataset):
     """Every image of a split once, in manifest order, for embedding (no augmentation)."""
 
-    def __init__(self, manifest: dict, root: str, split: str, raw: bool = False) -> None:
+    def __init__(self, manifest: dict, root: str, split: str, raw: bool = False, image_size: int = 64) -> None:
         super().__init__()
         self.urls = [shard_url(root, s["file"]) for s in manifest["splits"][split]["shards"]]
-        self.transform = (lambda img: img) if raw else eval_transform()
+        self.transform = (lambda img: img) if raw else eval_transform(image_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor | Image.Image, int, str]]:
         data = wds.WebDataset(self.urls, shardshuffle=False, nodesplitter=None, workersplitter=None,

@@ -17,17 +17,22 @@ def _stream(cfg, rank=0, world=1, root=None):
                           train_transform(cfg.augment, cfg.data.image_size), rank=rank, world_size=world, seed=3)
 
 
-@pytest.mark.parametrize("world,workers", [(1, 1), (2, 1), (2, 2), (3, 2)])
-def test_epoch_plan_gives_every_slot_equal_disjoint_pieces(tiny_shards, world, workers):
+@pytest.mark.parametrize("world,workers,p", [(1, 1, 2), (2, 1, 2), (2, 2, 2), (3, 2, 2), (2, 1, 5), (3, 1, 7)])
+def test_epoch_plan_gives_every_slot_equal_pieces_covering_every_class(tiny_shards, world, workers, p):
     train = shards.load_manifest(tiny_shards)["splits"]["train"]["shards"]
+    slots = world * workers
     for epoch in range(3):
-        plans = [plan_epoch(train, Slot(r, world, w, workers), 2, seed=1, epoch=epoch)
-                 for r in range(world) for w in range(workers)]
-        counts = {n for _, _, n in plans}
-        assert len(counts) == 1 and counts.pop() == 24 // (world * workers * 2)
-        owned = [c for _, classes, _ in plans for c in classes]
-        assert len(owned) == len(set(owned))  # no class in two slots
-        assert len(owned) > 24 - world * workers * 2  # at most the remainder waits
+        padded = [plan_epoch(train, Slot(r, world, w, workers), p, seed=1, epoch=epoch)
+                  for r in range(world) for w in range(workers)]
+        batches = -(-24 // (slots * p))
+        assert {n for _, _, n in padded} == {batches}  # the same number of batches in every slot
+        draws = [d for _, d, _ in padded]
+        assert all(sum(d.values()) == batches * p for d in draws)
+        assert set().union(*draws) == set(range(24))  # every class, every epoch
+        strict = [plan_epoch(train, Slot(r, world, w, workers), p, seed=1, epoch=epoch, pad=False)
+                  for r in range(world) for w in range(workers)]
+        owned = [c for _, d, _ in strict for c, n in d.items() for _ in range(n)]
+        assert len(owned) == len(set(owned)) == (24 // (slots * p)) * slots * p  # one pass: nothing twice
 
 
 def test_batches_are_p_classes_by_m_images(tiny_cfg):
@@ -99,3 +104,15 @@ def test_corrupt_image_and_truncated_shard_are_skipped_not_fatal(tmp_path, tiny_
     assert stream.stats.skipped >= 2
     assert all(images.shape[0] == 12 for images, _ in batches)
     assert torch.isfinite(torch.stack([b[0] for b in batches])).all()
+
+
+def test_one_pass_epoch_sees_no_image_twice(tiny_cfg):
+    """m <= images per class and remainder=drop: every drawn image is distinct within the epoch."""
+    sampler = tiny_cfg.sampler.model_copy(update={"images_per_class": 2, "batch_size": 8, "remainder": "drop"})
+    cfg = tiny_cfg.model_copy(update={"sampler": sampler, "augment": tiny_cfg.augment.model_copy(
+        update={"crop_scale": (1.0, 1.0), "flip": False, "color_jitter": 0.0})})
+    stream = _stream(cfg)
+    images = torch.cat([b[0] for b in stream])
+    flat = images.flatten(1)
+    assert len(flat) == 24 * 2
+    assert len({tuple(row.tolist()) for row in flat}) == len(flat)
