@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="shards location, if not where the model was trained from")
     p.add_argument("--no-plots", action="store_true", help="metrics only")
 
+    p = sub.add_parser("tune", help="hyper-parameter sweep with Ray Tune (same as python tuning/sweep.py)")
+    p.add_argument("--config", required=True, type=Path, help="sweep YAML, e.g. configs/sweep_demo.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a base config value for every trial")
+
     p = sub.add_parser("backbones", help="list each backbone's tap names with channels and stride")
     p.add_argument("--image-size", type=int, default=224, help="input side used to read the strides (default 224)")
 
@@ -189,6 +194,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from tuning import sweep
+
+    spec, base = sweep.load_spec(args.config, args.overrides)
+    summary = sweep.run(spec, base)
+    print(sweep.format_summary(summary, spec.search.metric))
+    return 0
+
+
 def cmd_backbones(args: argparse.Namespace) -> int:
     from pipeline.model.backbone import BACKBONES, Backbone
 
@@ -201,7 +215,8 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "demo": cmd_demo, "shards": cmd_shards, "backbones": cmd_backbones, "eval": cmd_eval}
+COMMANDS = {"train": cmd_train, "demo": cmd_demo, "shards": cmd_shards, "backbones": cmd_backbones, "eval": cmd_eval,
+            "tune": cmd_tune}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -162,6 +162,9 @@ class TrainConfig(_Section):
     """Where checkpoints go: a local path (made absolute; Ray needs it so) or s3:// / gs://."""
     name: str | None = None
     """Run name (default: derived from the variant and time). Running again with the same name resumes it."""
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Hold out this fraction of the *training* classes (class-disjoint) and report val/* metrics every epoch:
+    what sweeps choose by; the test classes are never used to choose. 0: no validation."""
     max_failures: int = Field(2, ge=-1)
     """Ray Train restarts after a worker is lost, each from the last checkpoint (-1: no limit)."""
     nonfinite: Literal["stop", "skip"] = "stop"

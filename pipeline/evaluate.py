@@ -109,12 +109,14 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, recall_at: Ite
 
 @torch.no_grad()
 def embed_split(model: torch.nn.Module, manifest: dict, root: str, split: str = "test", batch_size: int = 256,
-                device: str | torch.device = "cpu", progress: bool = True, image_size: int = 64
-                ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Embeddings, labels and keys of every image of a split (one process)."""
+                device: str | torch.device = "cpu", progress: bool = True, image_size: int = 64,
+                classes: set[int] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Embeddings, labels and keys of every image of a split, or of some of its classes (one process)."""
     model.eval()
-    data = DataLoader(SplitImages(manifest, root, split, image_size=image_size), batch_size=batch_size)
-    total = manifest["splits"][split]["samples"]
+    data = DataLoader(SplitImages(manifest, root, split, image_size=image_size, classes=classes),
+                      batch_size=batch_size)
+    total = sum(c["count"] for c in manifest["classes"] if c["split"] == split and (classes is None or c["id"] in classes)) \
+        if classes is not None else manifest["splits"][split]["samples"]
     embs, labels, keys = [], [], []
     with tqdm(total=total, desc=f"embed {split}", unit="img", disable=not progress) as bar:
         for images, cls, key in data:
@@ -161,3 +163,11 @@ def evaluate_model(model: torch.nn.Module, manifest: dict, root: str, split: str
                                                  image_size)
     metrics, neighbors = retrieval_metrics(emb, labels, recall_at, seed, gallery, gallery_labels, with_neighbors=True)
     return Evaluation(metrics, emb, labels, neighbors, query_split, gallery_split, gallery_labels)
+
+
+def validation_metrics(model: torch.nn.Module, manifest: dict, root: str, classes: set[int],
+                       recall_at: Iterable[int], batch_size: int, image_size: int, seed: int = 0) -> dict[str, float]:
+    """Retrieval metrics on held-out *training* classes (the sweep's objective), keyed ``val/<metric>``."""
+    emb, labels, _ = embed_split(model, manifest, root, "train", batch_size, progress=False, image_size=image_size,
+                                 classes=classes)
+    return {f"val/{k}": v for k, v in retrieval_metrics(emb, labels, recall_at, seed).items()}

@@ -68,7 +68,13 @@ def check_model(cfg: Config) -> None:
 
 def check_data(cfg: Config, manifest: dict[str, Any], world_size: int) -> None:
     """Checks that need the manifest: is there enough data for one batch on every rank and worker?"""
-    groups = manifest["splits"]["train"]["classes"]
+    from pipeline.data.stream import validation_classes
+
+    try:
+        held_out = validation_classes(manifest, cfg.train.val_fraction, cfg.train.seed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    groups = manifest["splits"]["train"]["classes"] - len(held_out)
     slots = world_size * max(1, cfg.sampler.loader_workers)
     if batches_per_slot(groups, slots, cfg.sampler.classes_per_batch, pad=False) == 0:
         raise ConfigError(
@@ -117,7 +123,7 @@ def latest_checkpoint(storage_path: str, name: str) -> str | None:
 
 
 def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress: bool = True,
-        extra: dict[str, Any] | None = None) -> tuple[str, list[dict]]:
+        extra: dict[str, Any] | None = None, callbacks: list | None = None) -> tuple[str, list[dict]]:
     """Train with Ray Train (or in-process); returns the final checkpoint directory and per-epoch metrics.
 
     A run whose storage already holds checkpoints (the same ``name``) resumes from the newest one.
@@ -151,6 +157,7 @@ def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress
         run_config=RunConfig(name=name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             callbacks=callbacks or [],
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
     result = trainer.fit()

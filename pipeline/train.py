@@ -31,7 +31,7 @@ import ray.train.torch
 from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
 from pipeline.data.shards import load_manifest
-from pipeline.data.stream import BalancedStream, train_loader, train_transform
+from pipeline.data.stream import BalancedStream, train_loader, train_transform, validation_classes
 from pipeline.model.adversary import adversary_lambda
 from pipeline.model.embedder import Embedder
 from pipeline.objectives import MetricLoss, TrainModule
@@ -169,8 +169,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     manifest = load_manifest(cfg.data.root)
     num_train_classes = manifest["splits"]["train"]["classes"]
+    val_classes = validation_classes(manifest, cfg.train.val_fraction, cfg.train.seed)
     stream = BalancedStream(manifest, cfg.data.root, cfg.sampler, train_transform(cfg.augment, cfg.data.image_size),
-                            rank=rank, world_size=world, seed=cfg.train.seed)
+                            rank=rank, world_size=world, seed=cfg.train.seed, exclude=val_classes)
     loader = train_loader(stream)
     steps = stream.steps_per_epoch()
     if cfg.train.max_steps_per_epoch:
@@ -277,6 +278,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if not adv.enabled:
             for k in ("loss_adv", "adv_acc", "adv_lambda"):
                 metrics.pop(k)
+        if val_classes and rank == 0:  # computed once, on rank 0; the others wait at the report below
+            from pipeline.evaluate import validation_metrics
+
+            metrics.update(validation_metrics(module.embedder, manifest, cfg.data.root, val_classes,
+                                              cfg.eval.recall_at, cfg.eval.batch_size, cfg.data.image_size,
+                                              cfg.train.seed))
         _report(config, metrics, rank, module, optimizer, scaler, epoch + 1, step, cfg, num_train_classes)
         tracker.log_metrics(_mlflow_metrics(metrics), step=epoch + 1)  # after the checkpoint: see resume above
 

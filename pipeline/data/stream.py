@@ -85,6 +85,23 @@ class Slot:
         return self.world_size * self.num_workers
 
 
+def validation_classes(manifest: dict, fraction: float, seed: int) -> set[int]:
+    """A seeded, class-disjoint share of the training classes held out for validation (empty for 0)."""
+    train = sorted(c["id"] for c in manifest["classes"] if c["split"] == "train")
+    n = round(len(train) * fraction)
+    if fraction > 0 and not 2 <= n < len(train):
+        raise ValueError(f"train.val_fraction={fraction} holds out {n} of {len(train)} training classes; "
+                         "need at least 2 and fewer than all")
+    return set(random.Random(f"{seed}/validation").sample(train, n)) if n else set()
+
+
+def without_classes(shards: list[dict], exclude: set[int]) -> list[dict]:
+    """The shards' entries with the given classes' groups removed (their images are skipped when read)."""
+    if not exclude:
+        return shards
+    return [{**sh, "groups": [g for g in sh["groups"] if g[0] not in exclude]} for sh in shards]
+
+
 def batches_per_slot(n_groups: int, slots: int, classes_per_batch: int, pad: bool = True) -> int:
     per_batch = slots * classes_per_batch
     return -(-n_groups // per_batch) if pad else n_groups // per_batch
@@ -153,9 +170,10 @@ class BalancedStream(IterableDataset):
         world_size: int = 1,
         seed: int = 0,
         split: str = "train",
+        exclude: set[int] | None = None,
     ) -> None:
         super().__init__()
-        self.shards = manifest["splits"][split]["shards"]
+        self.shards = without_classes(manifest["splits"][split]["shards"], exclude or set())
         self.root = root
         self.sampler = sampler
         self.transform = transform
@@ -263,9 +281,14 @@ def train_loader(stream: BalancedStream) -> DataLoader:
 class SplitImages(IterableDataset):
     """Every image of a split once, in manifest order, for embedding (no augmentation)."""
 
-    def __init__(self, manifest: dict, root: str, split: str, raw: bool = False, image_size: int = 64) -> None:
+    def __init__(self, manifest: dict, root: str, split: str, raw: bool = False, image_size: int = 64,
+                 classes: set[int] | None = None) -> None:
         super().__init__()
-        self.urls = [shard_url(root, s["file"]) for s in manifest["splits"][split]["shards"]]
+        shards = manifest["splits"][split]["shards"]
+        if classes is not None:  # only the shards that hold these classes
+            shards = [s for s in shards if any(g[0] in classes for g in s["groups"])]
+        self.urls = [shard_url(root, s["file"]) for s in shards]
+        self.classes = classes
         self.transform = (lambda img: img) if raw else eval_transform(image_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor | Image.Image, int, str]]:
@@ -277,14 +300,17 @@ class SplitImages(IterableDataset):
             except Exception as exn:  # noqa: BLE001
                 log.warning("skipped %s: %s", sample.get("__key__"), exn)
                 continue
+            if self.classes is not None and cls not in self.classes:
+                continue
             meta = json.loads(sample["json"]) if "json" in sample else {}
             yield self.transform(img), cls, f"{meta.get('class', cls)}/{meta.get('image', sample['__key__'])}"
 
 
-def load_images(manifest: dict, root: str, split: str, indices: set[int]) -> dict[int, Image.Image]:
+def load_images(manifest: dict, root: str, split: str, indices: set[int],
+                classes: set[int] | None = None) -> dict[int, Image.Image]:
     """The decoded images at the given positions of a split's embedding order (for plots)."""
     out = {}
-    for i, (img, _, _) in enumerate(SplitImages(manifest, root, split, raw=True)):
+    for i, (img, _, _) in enumerate(SplitImages(manifest, root, split, raw=True, classes=classes)):
         if i in indices:
             out[i] = img
             if len(out) == len(indices):
