@@ -48,6 +48,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config value for every trial")
 
+    p = sub.add_parser("package", help="embed a gallery, index it, and register the model + index in MLflow")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="MLflow run id whose checkpoint to package")
+    src.add_argument("--checkpoint", type=Path, help="checkpoint directory to package")
+    p.add_argument("--name", default="gdml-retrieval", help="registered model name (default gdml-retrieval)")
+    p.add_argument("--alias", default="champion", help="alias to point at the new version (default champion)")
+    p.add_argument("--gallery", default="test", help="split of the model's shards to index (default test)")
+    p.add_argument("--data-root", help="shards location, if not where the model was trained from")
+    p.add_argument("--ivf-threshold", type=int, default=50_000, help="exact index below this many items, IVF above")
+    p.add_argument("--nprobe", type=int, default=16, help="IVF lists searched per query")
+
+    p = sub.add_parser("query", help="top-k gallery items for images, through a packaged model")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--model", default="models:/gdml-retrieval@champion", help="model URI")
+    p.add_argument("-k", type=int, default=5)
+
     p = sub.add_parser("backbones", help="list each backbone's tap names with channels and stride")
     p.add_argument("--image-size", type=int, default=224, help="input side used to read the strides (default 224)")
 
@@ -203,6 +219,41 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_package(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from deploy.package import package
+    from pipeline import tracking
+
+    uri = tracking.resolve_uri(Config().tracking)
+    with tempfile.TemporaryDirectory(prefix="gdml-pkg-") as tmp:
+        checkpoint = tracking.download_checkpoint(uri, args.run, tmp) if args.run else str(args.checkpoint)
+        done = package(checkpoint, args.name, args.alias, args.gallery, args.data_root, uri,
+                       ivf_threshold=args.ivf_threshold, nprobe=args.nprobe, source_run=args.run)
+    print(f"registered {done.registered} version {done.version} ({done.index_kind} index over {done.gallery_size} "
+          f"gallery images) as {done.model_uri}")
+    print(f"serve it (venv active):  MLFLOW_TRACKING_URI={uri} mlflow models serve -m {done.model_uri} "
+          "--env-manager local -p 5001")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from deploy.package import query
+
+    missing = [str(p) for p in args.images if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no such image: {', '.join(missing)}")
+    results = query(args.model, [p.read_bytes() for p in args.images], args.k)
+    for path, result in zip(args.images, results):
+        print(path)
+        if "error" in result:
+            print(f"  error: {result['error']}")
+            continue
+        for rank, (label, gpath, score) in enumerate(zip(result["labels"], result["paths"], result["scores"]), 1):
+            print(f"  {rank:>2}. {score:7.4f}  {label}  ({gpath})")
+    return 0
+
+
 def cmd_backbones(args: argparse.Namespace) -> int:
     from pipeline.model.backbone import BACKBONES, Backbone
 
@@ -216,7 +267,7 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "demo": cmd_demo, "shards": cmd_shards, "backbones": cmd_backbones, "eval": cmd_eval,
-            "tune": cmd_tune}
+            "tune": cmd_tune, "package": cmd_package, "query": cmd_query}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,111 @@
+"""Query latency and throughput of the packaged retrieval model, exact vs IVF index, 10,000-item gallery.
+
+The served code path (deploy/retrieval_model.py: decode base64 -> preprocess -> embed -> FAISS search) runs
+in-process on one thread, over a gallery of 10,000 embeddings of augmented emoji drawings. Queries are emoji
+test images (64 px); the model is the demo architecture (ResNet-18 + attention, untrained: weights do not
+change the timing).
+Prints p50/p99 latency of single-image requests, throughput with batches of 32, and the recall@10 of IVF
+against exact search, then the IVF/exact p50 ratio.
+
+    .venv/bin/python benchmarks/bench_serve.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import torch
+
+from deploy.package import build_index
+from deploy.retrieval_model import RetrievalModel
+from pipeline import config as config_mod
+from pipeline.data import shards
+from pipeline.data.stream import SplitImages, train_transform
+from pipeline.launch import resolve_paths
+from pipeline.model.embedder import Embedder
+from pipeline.objectives import MetricLoss, TrainModule
+from pipeline.train import build_optimizer, save_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer queries")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    n_queries, n_batches = (60, 5) if args.quick else (300, 20)
+    cfg = resolve_paths(config_mod.load(ROOT / "configs" / "demo.yaml"))
+    manifest = shards.ensure(cfg.data)
+    tmp = Path(tempfile.mkdtemp(prefix="gdml-bench-serve-"))
+    model = Embedder(cfg.model, manifest["splits"]["train"]["classes"], cfg.data.image_size)
+    module = TrainModule(model, MetricLoss(cfg.loss, manifest["splits"]["train"]["classes"], cfg.model.embedding_size))
+    save_checkpoint(tmp / "ckpt", module, build_optimizer(module, cfg), torch.amp.GradScaler("cpu", enabled=False),
+                    1, 0, cfg, manifest["splits"]["train"]["classes"], {})
+
+    images = []
+    for img, _, _ in SplitImages(manifest, cfg.data.root, "test", raw=True):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        images.append(base64.b64encode(buf.getvalue()).decode())
+        if len(images) == n_queries:
+            break
+    # A realistic gallery: 10,000 embeddings of augmented emoji drawings (both splits), by the same model.
+    torch.set_num_threads(2)
+    augment = train_transform(cfg.augment, cfg.data.image_size)
+    raw = [img for split in ("train", "test") for img, _, _ in SplitImages(manifest, cfg.data.root, split, raw=True)]
+    torch.manual_seed(0)
+    model.eval()
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, 10_000, 250):
+            batch = torch.stack([augment(raw[(start + i) % len(raw)]) for i in range(250)])
+            chunks.append(model(batch)[0].numpy())
+    gallery = np.concatenate(chunks).astype(np.float32)
+    torch.set_num_threads(1)
+
+    rows, results = [], {}
+    for kind, threshold in (("exact", 10**9), ("ivf", 1)):
+        index, built = build_index(gallery, ivf_threshold=threshold, nprobe=16)
+        import faiss
+
+        faiss.write_index(index, str(tmp / f"{kind}.index"))
+        (tmp / "gallery.json").write_text(json.dumps({"labels": ["x"] * len(gallery), "paths": ["x"] * len(gallery),
+                                                       "nprobe": 16 if built == "ivf" else None}))
+        served = RetrievalModel()
+        served.load_context(SimpleNamespace(artifacts={"checkpoint": str(tmp / "ckpt"), "index": str(tmp / f"{kind}.index"),
+                                                       "gallery": str(tmp / "gallery.json")}))
+        served.predict(None, pd.DataFrame({"image": images[:2]}), {"k": 10})  # warm-up
+        latencies = []
+        for text in images:
+            started = time.perf_counter()
+            served.predict(None, pd.DataFrame({"image": [text]}), {"k": 10})
+            latencies.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        for b in range(n_batches):
+            batch = [images[(b * 32 + i) % len(images)] for i in range(32)]
+            out = served.predict(None, pd.DataFrame({"image": batch}), {"k": 10})
+        throughput = n_batches * 32 / (time.perf_counter() - started)
+        results[kind] = [r["ids"] for r in served.predict(None, pd.DataFrame({"image": images}), {"k": 10})]
+        rows.append((kind, np.percentile(latencies, 50) * 1000, np.percentile(latencies, 99) * 1000, throughput))
+        assert "error" not in out[0]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(results["exact"], results["ivf"])])
+    print(f"gallery 10,000 x {cfg.model.embedding_size}, {len(images)} single-image queries, k=10, 1 thread")
+    print(f"{'index':<8}{'p50 ms':>10}{'p99 ms':>10}{'images/s (batch 32)':>22}")
+    for kind, p50, p99, tput in rows:
+        print(f"{kind:<8}{p50:>10.2f}{p99:>10.2f}{tput:>22.1f}")
+    print(f"IVF (nlist {int(4 * 100)}, nprobe 16) recall@10 vs exact: {recall:.3f}")
+    print(f"RESULT serve_ivf_vs_exact_p50={rows[1][1] / rows[0][1]:.2f} goal=<=1.0")
+
+
+if __name__ == "__main__":
+    main()

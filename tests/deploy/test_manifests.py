@@ -1,0 +1,30 @@
+import shlex
+from pathlib import Path
+
+import ray
+import yaml
+
+from tuning import sweep
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_rayjob_manifest_has_the_required_fields_and_a_valid_entrypoint():
+    job = yaml.safe_load((ROOT / "deploy" / "k8s" / "rayjob-sweep.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert spec["rayClusterSpec"]["rayVersion"] == ray.__version__
+    assert spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    workers = spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert workers["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # The entrypoint must parse with the sweep script's own options and name real config keys.
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:2] == ["python", "tuning/sweep.py"]
+    parser_args = argv[2:]
+    config = parser_args[parser_args.index("--config") + 1]
+    overrides = [parser_args[i + 1] for i, a in enumerate(parser_args) if a == "--set"]
+    assert (ROOT / config).is_file()
+    spec_, base = sweep.load_spec(ROOT / config, overrides)
+    assert base.train.use_gpu is True and base.train.storage_path.startswith("s3://")
+    env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http")

@@ -1,0 +1,141 @@
+"""Package a trained model with its gallery, serve it with `mlflow models serve`, and send it good and bad input."""
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from deploy.package import build_index, package, query
+from pipeline.data import shards
+from pipeline.launch import train_and_evaluate
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _test_image(root):
+    """The first test-split image's bytes (it is in the gallery, so it must find itself)."""
+    manifest = shards.load_manifest(root)
+    first = manifest["splits"]["test"]["shards"][0]
+    with tarfile.open(root / first["file"]) as tar:
+        name = sorted(n for n in tar.getnames() if n.endswith(".png"))[0]
+        return tar.extractfile(name).read(), manifest["classes"][first["groups"][0][0]]["name"]
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory, tiny_shards):
+    from tests.conftest import tiny_config
+
+    tmp = tmp_path_factory.mktemp("deploy")
+    cfg = tiny_config(tmp, **{"data.root": str(tiny_shards), "train.max_steps_per_epoch": 2})
+    result = train_and_evaluate(cfg, local=True, progress=False, plots=False)
+    done = package(result.checkpoint, "tiny-retrieval", tracking_uri=result.tracking_uri)
+    return done, result.tracking_uri, tmp
+
+
+@pytest.mark.slow
+def test_package_registers_an_exact_index_and_queries_find_the_image_itself(packaged, tiny_shards):
+    done, uri, _ = packaged
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    assert done.model_uri == "models:/tiny-retrieval@champion" and done.index_kind == "flat"
+    assert done.gallery_size == shards.load_manifest(tiny_shards)["splits"]["test"]["samples"]
+    image, label = _test_image(tiny_shards)
+    [result] = query(done.model_uri, [image], k=3)
+    assert result["labels"][0] == label and result["scores"][0] == pytest.approx(1.0, abs=1e-4)
+    assert len(result["ids"]) == 3 and result["scores"] == sorted(result["scores"], reverse=True)
+
+
+def test_ivf_above_the_threshold_keeps_recall():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(60, 16))
+    x = (centers[rng.integers(0, 60, 3000)] + 0.3 * rng.normal(size=(3000, 16))).astype(np.float32)  # clustered
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    exact, kind = build_index(x, ivf_threshold=10_000)
+    ivf, kind_ivf = build_index(x, ivf_threshold=1000, nprobe=16)
+    assert (kind, kind_ivf) == ("flat", "ivf")
+    _, a = exact.search(x[:200], 10)
+    _, b = ivf.search(x[:200], 10)
+    recall = np.mean([len(set(p) & set(q)) / 10 for p, q in zip(a, b)])
+    assert recall > 0.9
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_served_model_answers_good_input_and_rejects_bad_input_clearly(packaged, tiny_shards):
+    done, uri, tmp = packaged
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", done.model_uri, "--env-manager", "local",
+         "-p", str(port), "--host", "127.0.0.1"],
+        # The server runs `uvicorn` from PATH: the environment's bin directory must be on it.
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri,
+             "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}, stdout=open(tmp / "serve.log", "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if requests.get(f"{url}/ping", timeout=1).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if server.poll() is not None:
+                pytest.fail(f"server exited: {(tmp / 'serve.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+        image, label = _test_image(tiny_shards)
+
+        def ask(images, **params):
+            body = {"dataframe_records": [{"image": i} for i in images]}
+            if params:
+                body["params"] = params
+            return requests.post(f"{url}/invocations", json=body, timeout=60)
+
+        good = base64.b64encode(image).decode()
+        r = ask([good], k=2)
+        assert r.status_code == 200, r.text
+        [pred] = r.json()["predictions"]
+        assert pred["labels"][0] == label and len(pred["ids"]) == 2
+
+        truncated = base64.b64encode(image[: len(image) // 2]).decode()
+        not_image = base64.b64encode(b"hello, not an image").decode()
+        bomb = base64.b64encode(_png(Image.new("1", (12000, 12000)))).decode()  # 144 Mpx, a few hundred KB
+        r = ask([not_image, truncated, bomb, "%%%", good], k=1)
+        assert r.status_code == 200, r.text
+        preds = r.json()["predictions"]
+        assert preds[0]["error"].startswith("row 0: not a readable image")
+        assert preds[1]["error"].startswith("row 1: not a readable image")
+        assert "exceeds the limit" in preds[2]["error"]
+        assert preds[3]["error"] == "row 3: not valid base64"
+        assert preds[4]["labels"][0] == label  # the good row still gets its answer
+
+        for k in (0, 10_000):
+            r = ask([good], k=k)
+            assert r.status_code == 200 and r.json()["predictions"][0]["error"].startswith("k must be an integer")
+        r = ask([good], k="three")
+        assert r.status_code == 400 and "k" in r.json()["message"]
+        r = requests.post(f"{url}/invocations", json={"dataframe_records": []}, timeout=60)
+        assert r.status_code in (200, 400)
+        assert "empty" in r.text or "error" in r.text
+
+        r = ask([good], k=1)  # still serving
+        assert r.status_code == 200 and r.json()["predictions"][0]["labels"][0] == label
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
