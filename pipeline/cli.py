@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a base config value for every trial")
 
+    p = sub.add_parser("ablate", help="baseline / +attention / +adversary / +both x losses x seeds on unseen classes")
+    _add_config_args(p, DEMO_CONFIG)
+    p.add_argument("--losses", nargs="+", default=["contrastive", "triplet", "multi_similarity"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--out", type=Path, default=Path("ablation.md"), help="markdown table (default ablation.md)")
+
     p = sub.add_parser("package", help="embed a gallery, index it, and register the model + index in MLflow")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="MLflow run id whose checkpoint to package")
@@ -219,6 +225,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from tuning import ablate
+
+    cfg = config_mod.load(args.config, args.overrides)
+    result = ablate.run(cfg, args.losses, args.seeds)
+    ablate.write_table(result, args.out)
+    print(result["table"])
+    print(f"\n{len(result['rows'])} runs in {result['seconds'] / 60:.1f} min; table in {args.out}; "
+          f"MLflow parent run {result['parent_run_id']} (ablation.md, ablation_recall_at_1.png)")
+    return 0
+
+
 def cmd_package(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -267,7 +285,8 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "demo": cmd_demo, "shards": cmd_shards, "backbones": cmd_backbones, "eval": cmd_eval,
-            "tune": cmd_tune, "package": cmd_package, "query": cmd_query}
+            "tune": cmd_tune, "package": cmd_package, "query": cmd_query,
+            "ablate": cmd_ablate}
 
 
 def main(argv: list[str] | None = None) -> int:

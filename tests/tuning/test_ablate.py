@@ -1,0 +1,42 @@
+"""gdml ablate, shrunken: 4 variants x 1 loss x 2 seeds through Ray Tune, table from the MLflow child runs."""
+
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import TINY
+from tuning.ablate import VARIANTS, summarise
+
+
+def test_summary_table_has_mean_and_std_per_variant():
+    rows = [{"variant": v, "loss": "triplet", "seed": s, "recall_at_1": 0.1 * s, "map_at_r": 0.2, "nmi": 0.5}
+            for v in VARIANTS for s in (1, 3)]
+    table = summarise(rows, ["triplet"]).splitlines()
+    assert table[0] == "| variant | triplet recall_at_1 | triplet map_at_r | triplet nmi |"
+    assert table[2] == "| baseline | 0.2000 ± 0.1000 | 0.2000 ± 0.0000 | 0.5000 ± 0.0000 |"
+    assert len(table) == 2 + len(VARIANTS)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_shrunken_ablation_runs_every_variant_and_seed(tmp_path, tiny_shards):
+    overrides = {**TINY, "data.root": str(tiny_shards), "train.storage_path": str(tmp_path / "ray"),
+                 "train.max_steps_per_epoch": 2, "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                 "tracking.experiment": "ablate", "train.workers": 1}
+    args = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "ablate", *args, "--losses", "triplet",
+                           "--seeds", "0", "1", "--out", str(tmp_path / "table.md")],
+                          capture_output=True, text=True, timeout=580, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == list(VARIANTS)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ablate").experiment_id])
+    children = [r for r in runs if r.data.tags.get("mode") == "ablation"]
+    assert len(children) == 8
+    parent = next(r for r in runs if r.data.tags.get("mode") == "ablation-parent")
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"ablation.md", "ablation_recall_at_1.png"}

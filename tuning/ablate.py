@@ -1,0 +1,153 @@
+"""The claim, measured: {baseline, +attention, +adversary, +both} x base losses x seeds, on unseen classes.
+
+Every run trains on all training classes with the same budget and is evaluated once on the unseen test
+classes. Ray Tune is the executor (a grid; as many runs at once as the cluster's resources hold); every run is
+an MLflow child of one parent run, which also gets the markdown table (mean +- std over seeds) and a plot.
+
+    gdml ablate --config configs/demo.yaml [--losses contrastive triplet multi_similarity] [--seeds 0 1 2]
+        [--set train.workers=1]   # on a small machine: more runs side by side instead of DDP within one
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import tracking
+from pipeline.config import Config
+
+VARIANTS = {"baseline": (False, False), "+attention": (True, False), "+adversary": (False, True), "+both": (True, True)}
+REPORTED = ("recall_at_1", "map_at_r", "nmi")
+
+
+def variant_config(cfg: Config, variant: str, loss: str, seed: int) -> Config:
+    att, adv = VARIANTS[variant]
+    model = cfg.model.model_copy(update={
+        "attention": cfg.model.attention.model_copy(update={"enabled": att}),
+        "adversary": cfg.model.adversary.model_copy(update={"enabled": adv}),
+    })
+    return cfg.model_copy(update={
+        "model": model,
+        "loss": cfg.loss.model_copy(update={"name": loss, "params": cfg.loss.params if loss == cfg.loss.name else {}}),
+        "train": cfg.train.model_copy(update={"seed": seed}),
+    })
+
+
+def _run_one(params: dict[str, Any]) -> None:
+    """A Tune trial: one training (a TorchTrainer with ``train.workers`` workers) + its test evaluation.
+
+    Results go to the trial's MLflow child run, where ``run`` collects them.
+    """
+    from pipeline.launch import train_and_evaluate
+
+    ctx = params["__gdml"]
+    cfg = variant_config(Config.model_validate(ctx["base"]), params["variant"], params["loss"], params["seed"])
+    name = f"{ctx['name']}-{params['variant'].strip('+')}-{params['loss']}-s{params['seed']}"
+    train_and_evaluate(cfg, local=False, name=name, progress=False, plots=False,
+                       tags={"mlflow.parentRunId": ctx["parent"], "gdml.ablation": ctx["name"], "mode": "ablation",
+                             "ablation.variant": params["variant"], "ablation.loss": params["loss"],
+                             "ablation.seed": str(params["seed"])})
+
+
+def collect(uri: str, experiment: str, name: str) -> list[dict[str, Any]]:
+    """Each finished run of an ablation, from MLflow: variant, loss, seed and its test metrics."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`gdml.ablation` = '{name}'",
+                              max_results=10_000)
+    return [{"variant": r.data.tags["ablation.variant"], "loss": r.data.tags["ablation.loss"],
+             "seed": int(r.data.tags["ablation.seed"]),
+             **{k: r.data.metrics[f"test/{k}"] for k in REPORTED}, "train_seconds": r.data.metrics["train_seconds"]}
+            for r in runs if r.info.status == "FINISHED"]
+
+
+def summarise(rows: list[dict[str, Any]], losses: list[str]) -> str:
+    """Markdown: one row per variant, mean +- std over seeds of each reported metric, per loss."""
+    head = "| variant | " + " | ".join(f"{loss} {m}" for loss in losses for m in REPORTED) + " |"
+    lines = [head, "|" + "---|" * (1 + len(losses) * len(REPORTED))]
+    for variant in VARIANTS:
+        cells = []
+        for loss in losses:
+            for metric in REPORTED:
+                values = [r[metric] for r in rows if r["variant"] == variant and r["loss"] == loss]
+                cells.append(f"{np.mean(values):.4f} ± {np.std(values):.4f}" if values else "n/a")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], losses: list[str]):
+    from pipeline.plots import plt
+
+    fig, axes = plt.subplots(1, len(losses), figsize=(4 * len(losses), 3.4), dpi=110, squeeze=False)
+    for ax, loss in zip(axes[0], losses):
+        means, stds = [], []
+        for variant in VARIANTS:
+            values = [r["recall_at_1"] for r in rows if r["variant"] == variant and r["loss"] == loss]
+            means.append(np.mean(values) if values else 0.0)
+            stds.append(np.std(values) if values else 0.0)
+        ax.bar(list(VARIANTS), means, yerr=stds, capsize=4, color=["#999", "#4c78a8", "#f58518", "#54a24b"])
+        ax.set_title(loss)
+        ax.set_ylabel("Recall@1 (unseen classes)")
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def run(cfg: Config, losses: list[str], seeds: list[int], progress: bool = True) -> dict[str, Any]:
+    from ray import tune
+
+    from pipeline.data import shards
+    from pipeline.launch import check_model, init_ray, open_tracking, resolve_paths
+
+    cfg = resolve_paths(cfg)
+    for loss in losses:
+        for variant in VARIANTS:
+            check_model(variant_config(cfg, variant, loss, seeds[0]))
+    uri = open_tracking(cfg)
+    if uri is None:
+        raise RuntimeError("an ablation collects its results from MLflow: it needs tracking.required=true")
+    manifest = shards.ensure(cfg.data)
+    init_ray()
+    name = f"ablation-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent = tracking.Tracker.open(uri, cfg.tracking.experiment, name, tags={"mode": "ablation-parent"})
+    parent.log_params({**cfg.flat(), "ablation.losses": losses, "ablation.seeds": seeds})
+    started = time.perf_counter()
+    space = {"variant": tune.grid_search(list(VARIANTS)), "loss": tune.grid_search(losses),
+             "seed": tune.grid_search(seeds), "__gdml": {"base": cfg.to_dict(), "parent": parent.run_id, "name": name}}
+    tuner = tune.Tuner(
+        # The trial function only drives; its TorchTrainer's workers take the CPUs (or GPUs).
+        tune.with_resources(_run_one, {"CPU": 0, "memory": 256 * 2**20}),
+        param_space=space,
+        run_config=tune.RunConfig(name=name, storage_path=cfg.train.storage_path, verbose=1 if progress else 0),
+    )
+    try:
+        results = tuner.fit()
+        errors = [r.error for r in results if r.error]
+        if errors:
+            raise RuntimeError(f"{len(errors)} ablation runs failed; first: {errors[0]}")
+        rows = collect(uri, cfg.tracking.experiment, name)
+        table = summarise(rows, losses)
+        seconds = time.perf_counter() - started
+        parent.log_dict({"runs": rows}, "ablation_runs.yaml")
+        parent.log_metrics({"ablation_seconds": seconds})
+        if parent.enabled:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(uri).log_text(parent.run_id, table, "ablation.md")
+            fig = plot(rows, losses)
+            parent.log_figure(fig, "ablation_recall_at_1.png")
+    except BaseException:
+        parent.end("FAILED")
+        raise
+    parent.end()
+    return {"name": name, "table": table, "rows": rows, "seconds": seconds, "parent_run_id": parent.run_id,
+            "manifest_test_classes": manifest["splits"]["test"]["classes"]}
+
+
+def write_table(result: dict[str, Any], path: Path) -> None:
+    path.write_text(result["table"] + "\n")
