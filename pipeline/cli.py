@@ -119,14 +119,9 @@ def _ui_hint(uri: str) -> str:
 
 def demo_variants(cfg: Config) -> dict[str, Config]:
     """The baseline (no attention, no adversary) and the full framework, otherwise identical."""
-    def variant(att: bool, adv: bool) -> Config:
-        model = cfg.model.model_copy(update={
-            "attention": cfg.model.attention.model_copy(update={"enabled": att}),
-            "adversary": cfg.model.adversary.model_copy(update={"enabled": adv}),
-        })
-        return cfg.model_copy(update={"model": model})
+    from pipeline.launch import with_parts
 
-    return {"baseline": variant(False, False), "framework": variant(True, True)}
+    return {"baseline": with_parts(cfg, False, False), "framework": with_parts(cfg, True, True)}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -233,6 +233,15 @@ def run_name(cfg: Config, variant: str | None = None) -> str:
     return f"{variant or 'gdml'}-{cfg.loss.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def with_parts(cfg: Config, attention: bool, adversary: bool) -> Config:
+    """The same config with the framework's two parts switched on or off (baseline = both off)."""
+    model = cfg.model.model_copy(update={
+        "attention": cfg.model.attention.model_copy(update={"enabled": attention}),
+        "adversary": cfg.model.adversary.model_copy(update={"enabled": adversary}),
+    })
+    return cfg.model_copy(update={"model": model})
+
+
 def variant_of(cfg: Config) -> str:
     att, adv = cfg.model.attention.enabled, cfg.model.adversary.enabled
     return {(False, False): "baseline", (True, False): "attention", (False, True): "adversary"}.get(

@@ -1,5 +1,6 @@
 """The demo end to end, shrunken: CLI -> shards -> 2 Ray workers x 2 variants -> FAISS metrics -> MLflow."""
 
+import os
 import re
 import subprocess
 import sys
@@ -17,7 +18,7 @@ def test_shrunken_demo_prints_both_variants_and_logs_two_runs(tmp_path, tiny_sha
     overrides = {**TINY, "data.root": str(tiny_shards), "train.storage_path": str(tmp_path / "ray")}
     args = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", *args], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=450, env={**__import__("os").environ, "MLFLOW_TRACKING_URI": ""})
+                          cwd=tmp_path, timeout=450, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     header = next(line for line in out.splitlines() if line.startswith("metric"))

@@ -24,13 +24,10 @@ REPORTED = ("recall_at_1", "map_at_r", "nmi")
 
 
 def variant_config(cfg: Config, variant: str, loss: str, seed: int) -> Config:
-    att, adv = VARIANTS[variant]
-    model = cfg.model.model_copy(update={
-        "attention": cfg.model.attention.model_copy(update={"enabled": att}),
-        "adversary": cfg.model.adversary.model_copy(update={"enabled": adv}),
-    })
+    from pipeline.launch import with_parts
+
+    cfg = with_parts(cfg, *VARIANTS[variant])
     return cfg.model_copy(update={
-        "model": model,
         "loss": cfg.loss.model_copy(update={"name": loss, "params": cfg.loss.params if loss == cfg.loss.name else {}}),
         "train": cfg.train.model_copy(update={"seed": seed}),
     })

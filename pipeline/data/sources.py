@@ -105,6 +105,14 @@ def _load_png(path: Path) -> Image.Image:
         return im.convert("RGBA")
 
 
+def spread(items: list, n: int | None) -> list:
+    """``n`` items evenly spread over the list (all of them when ``n`` is None or not smaller)."""
+    if n is None or n >= len(items):
+        return items
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
+
 def emoji_name(codepoint: int) -> str:
     return unicodedata.name(chr(codepoint), f"U+{codepoint:04X}").lower()
 
@@ -143,9 +151,7 @@ def emoji_classes(image_size: int, styles: list[str], max_classes: int | None = 
     assert common is not None
     # Emoji only: code points at or above the Misc Symbols block, leaving out ASCII/Latin glyphs of fonts.
     codepoints = sorted(cp for cp in common if cp >= 0x2000 and not 0xFE00 <= cp <= 0xFE0F)
-    if max_classes is not None and max_classes < len(codepoints):
-        step = len(codepoints) / max_classes
-        codepoints = [codepoints[int(i * step)] for i in range(max_classes)]
+    codepoints = spread(codepoints, max_classes)
 
     def loader(style: str, path: Path, cp: int) -> Callable[[], Image.Image]:
         if style == "twemoji":
@@ -300,7 +306,4 @@ def iter_source(name: str, path: str | None = None, image_size: int = 64, styles
     root = Path(path)
     readers = {"cub": cub_classes, "cars196": cars196_classes, "sop": sop_classes, "inshop": inshop_classes}
     classes = folder_classes(root, train_classes) if name == "folder" else readers[name](root)
-    if max_classes is not None and max_classes < len(classes):
-        step = len(classes) / max_classes
-        classes = [classes[int(i * step)] for i in range(max_classes)]
-    return classes
+    return spread(classes, max_classes)

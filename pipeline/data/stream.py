@@ -17,7 +17,7 @@ import json
 import logging
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +154,6 @@ def _decode(sample: dict) -> tuple[Image.Image, int]:
 class StreamStats:
     skipped: int = 0
     reused_groups: int = 0
-    errors: list[str] = field(default_factory=list)
 
 
 class BalancedStream(IterableDataset):
@@ -205,7 +204,6 @@ class BalancedStream(IterableDataset):
 
         def skip(exn: Exception) -> bool:
             self.stats.skipped += 1
-            self.stats.errors.append(repr(exn)[:200])
             log.warning("skipped a bad sample or shard: %s", exn)
             return True
 
