@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(p, DEMO_CONFIG)
     p.add_argument("--losses", nargs="+", default=["contrastive", "triplet", "multi_similarity"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", choices=["baseline", "+attention", "+adversary", "+both"],
+                   default=["baseline", "+attention", "+adversary", "+both"], help="which variants to run (default all)")
     p.add_argument("--out", type=Path, default=Path("ablation.md"), help="markdown table (default ablation.md)")
 
     p = sub.add_parser("package", help="embed a gallery, index it, and register the model + index in MLflow")
@@ -224,7 +226,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from tuning import ablate
 
     cfg = config_mod.load(args.config, args.overrides)
-    result = ablate.run(cfg, args.losses, args.seeds)
+    result = ablate.run(cfg, args.losses, args.seeds, variants=args.variants)
     ablate.write_table(result, args.out)
     print(result["table"])
     print(f"\n{len(result['rows'])} runs in {result['seconds'] / 60:.1f} min; table in {args.out}; "

@@ -117,3 +117,13 @@ def knn(query: np.ndarray, k: int, reference: np.ndarray | None = None, chunk: i
             idx = idx[keep].reshape(len(block), k)
         out[start:start + len(block)] = idx
     return out
+
+
+def neighbours_of(rows: list[int], embeddings: np.ndarray, k: int, reference: np.ndarray | None = None,
+                  backend: str = "auto") -> dict[int, list[int]]:
+    """The ``k`` nearest neighbours of some rows of ``embeddings``: in ``reference``, or among the other rows."""
+    q = np.ascontiguousarray(np.asarray(embeddings)[rows], dtype=np.float32)
+    if reference is not None:
+        return {r: nn.tolist() for r, nn in zip(rows, knn(q, k, reference, backend=backend))}
+    found = knn(q, min(k + 1, len(embeddings)), embeddings, backend=backend)
+    return {r: [int(j) for j in nn if j != r][:k] for r, nn in zip(rows, found)}

@@ -195,8 +195,9 @@ def log_evaluation(tracker: tracking.Tracker, ev: Any, manifest: dict[str, Any],
         return
     rng = np.random.default_rng(seed)
     queries = sorted(rng.choice(len(ev.labels), size=min(8, len(ev.labels)), replace=False).tolist())
-    top = min(5, ev.neighbors.shape[1])
-    wanted_refs = {int(j) for q in queries for j in ev.neighbors[q, :top]}
+    neighbours = ev.neighbours(queries, 5)
+    top = min(len(nn) for nn in neighbours.values())
+    wanted_refs = {j for q in queries for j in neighbours[q][:top]}
     if ev.ref_split is None:
         query_images = ref_images = load_images(manifest, root, ev.query_split, set(queries) | wanted_refs)
     else:
@@ -205,7 +206,7 @@ def log_evaluation(tracker: tracking.Tracker, ev: Any, manifest: dict[str, Any],
     ref_labels = ev.labels if ev.ref_labels is None else ev.ref_labels
     for name, fig in (
         ("recall_at_k", figures.recall_curve({prefix: ev.metrics})),
-        ("retrieval", figures.retrieval_grid(query_images, ref_images, ev.labels, ref_labels, ev.neighbors,
+        ("retrieval", figures.retrieval_grid(query_images, ref_images, ev.labels, ref_labels, neighbours,
                                              queries, top)),
         ("tsne", figures.projection(ev.embeddings, ev.labels, seed=seed)),
     ):

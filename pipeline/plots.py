@@ -30,13 +30,13 @@ def recall_curve(runs: dict[str, dict[str, float]], title: str = "Recall@K on un
 
 
 def retrieval_grid(query_images: dict[int, Image.Image], ref_images: dict[int, Image.Image], labels: np.ndarray,
-                   ref_labels: np.ndarray, neighbors: np.ndarray, queries: list[int], top: int = 5) -> Figure:
+                   ref_labels: np.ndarray, neighbors: dict[int, list[int]], queries: list[int], top: int = 5) -> Figure:
     """Each row: a query, then its ``top`` neighbours framed green (same class) or red (wrong)."""
     fig, axes = plt.subplots(len(queries), top + 1, figsize=(1.3 * (top + 1), 1.35 * len(queries)), dpi=110,
                              squeeze=False)
     for row, q in enumerate(queries):
         cells = [(query_images.get(q), "query", "black")]
-        for j in neighbors[q, :top]:
+        for j in neighbors[q][:top]:
             right = ref_labels[j] == labels[q]
             cells.append((ref_images.get(int(j)), "" if right else "wrong", "#2a9d3f" if right else "#d62828"))
         for col, (img, caption, color) in enumerate(cells):

@@ -63,11 +63,11 @@ def collect(uri: str, experiment: str, name: str) -> list[dict[str, Any]]:
             for r in runs if r.info.status == "FINISHED"]
 
 
-def summarise(rows: list[dict[str, Any]], losses: list[str]) -> str:
+def summarise(rows: list[dict[str, Any]], losses: list[str], variants: list[str] | None = None) -> str:
     """Markdown: one row per variant, mean +- std over seeds of each reported metric, per loss."""
     head = "| variant | " + " | ".join(f"{loss} {m}" for loss in losses for m in REPORTED) + " |"
     lines = [head, "|" + "---|" * (1 + len(losses) * len(REPORTED))]
-    for variant in VARIANTS:
+    for variant in variants or VARIANTS:
         cells = []
         for loss in losses:
             for metric in REPORTED:
@@ -77,17 +77,19 @@ def summarise(rows: list[dict[str, Any]], losses: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], losses: list[str]):
+def plot(rows: list[dict[str, Any]], losses: list[str], variants: list[str] | None = None):
     from pipeline.plots import plt
 
+    variants = variants or list(VARIANTS)
     fig, axes = plt.subplots(1, len(losses), figsize=(4 * len(losses), 3.4), dpi=110, squeeze=False)
     for ax, loss in zip(axes[0], losses):
         means, stds = [], []
-        for variant in VARIANTS:
+        for variant in variants:
             values = [r["recall_at_1"] for r in rows if r["variant"] == variant and r["loss"] == loss]
             means.append(np.mean(values) if values else 0.0)
             stds.append(np.std(values) if values else 0.0)
-        ax.bar(list(VARIANTS), means, yerr=stds, capsize=4, color=["#999", "#4c78a8", "#f58518", "#54a24b"])
+        colours = {"baseline": "#999", "+attention": "#4c78a8", "+adversary": "#f58518", "+both": "#54a24b"}
+        ax.bar(variants, means, yerr=stds, capsize=4, color=[colours[v] for v in variants])
         ax.set_title(loss)
         ax.set_ylabel("Recall@1 (unseen classes)")
         ax.tick_params(axis="x", labelsize=8)
@@ -95,15 +97,20 @@ def plot(rows: list[dict[str, Any]], losses: list[str]):
     return fig
 
 
-def run(cfg: Config, losses: list[str], seeds: list[int], progress: bool = True) -> dict[str, Any]:
+def run(cfg: Config, losses: list[str], seeds: list[int], progress: bool = True,
+        variants: list[str] | None = None) -> dict[str, Any]:
     from ray import tune
 
     from pipeline.data import shards
     from pipeline.launch import check_model, init_ray, open_tracking, resolve_paths
 
+    variants = list(variants or VARIANTS)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--variants: unknown {', '.join(unknown)}; expected some of {', '.join(VARIANTS)}")
     cfg = resolve_paths(cfg)
     for loss in losses:
-        for variant in VARIANTS:
+        for variant in variants:
             check_model(variant_config(cfg, variant, loss, seeds[0]))
     uri = open_tracking(cfg)
     if uri is None:
@@ -112,9 +119,10 @@ def run(cfg: Config, losses: list[str], seeds: list[int], progress: bool = True)
     init_ray()
     name = f"ablation-{time.strftime('%Y%m%d-%H%M%S')}"
     parent = tracking.Tracker.open(uri, cfg.tracking.experiment, name, tags={"mode": "ablation-parent"})
-    parent.log_params({**cfg.flat(), "ablation.losses": losses, "ablation.seeds": seeds})
+    parent.log_params({**cfg.flat(), "ablation.losses": losses, "ablation.seeds": seeds,
+                       "ablation.variants": variants})
     started = time.perf_counter()
-    space = {"variant": tune.grid_search(list(VARIANTS)), "loss": tune.grid_search(losses),
+    space = {"variant": tune.grid_search(variants), "loss": tune.grid_search(losses),
              "seed": tune.grid_search(seeds), "__gdml": {"base": cfg.to_dict(), "parent": parent.run_id, "name": name}}
     from tuning.sweep import concurrency
 
@@ -132,7 +140,7 @@ def run(cfg: Config, losses: list[str], seeds: list[int], progress: bool = True)
         if errors:
             raise RuntimeError(f"{len(errors)} ablation runs failed; first: {errors[0]}")
         rows = collect(uri, cfg.tracking.experiment, name)
-        table = summarise(rows, losses)
+        table = summarise(rows, losses, variants)
         seconds = time.perf_counter() - started
         parent.log_dict({"runs": rows}, "ablation_runs.yaml")
         parent.log_metrics({"ablation_seconds": seconds})
@@ -140,7 +148,7 @@ def run(cfg: Config, losses: list[str], seeds: list[int], progress: bool = True)
             from mlflow.tracking import MlflowClient
 
             MlflowClient(uri).log_text(parent.run_id, table, "ablation.md")
-            fig = plot(rows, losses)
+            fig = plot(rows, losses, variants)
             parent.log_figure(fig, "ablation_recall_at_1.png")
     except BaseException:
         parent.end("FAILED")

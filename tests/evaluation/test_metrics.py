@@ -2,7 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluate import map_at_r, nmi, relevant_counts, retrieval_metrics
+from pipeline.evaluate import map_at_r, nmi, relevant_counts, retrieval_metrics, select_engine, spherical_kmeans
+from pipeline.ranks import metrics_from_ranks, relevant_ranks
+
+ENGINES = ["ranks", "knn"]
 
 
 def random_embeddings(n=120, d=8, classes=12, seed=0):
@@ -39,19 +42,65 @@ def brute_force(query, q_labels, ref=None, r_labels=None, ks=(1, 2, 4, 8)):
     return res
 
 
-def test_standard_protocol_matches_brute_force():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_standard_protocol_matches_brute_force(engine):
     emb, labels = random_embeddings()
-    ours = retrieval_metrics(emb, labels)
-    expected = brute_force(emb, labels)
+    ks = (1, 2, 4, 8, 50, 119)  # 119: every other item
+    ours = retrieval_metrics(emb, labels, recall_at=ks, engine=engine)
+    expected = brute_force(emb, labels, ks=ks)
     assert {k: ours[k] for k in expected} == pytest.approx(expected)
 
 
-def test_gallery_protocol_matches_brute_force():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_gallery_protocol_matches_brute_force(engine):
     q, ql = random_embeddings(60, seed=1)
     g, gl = random_embeddings(90, seed=2)
-    ours = retrieval_metrics(q, ql, gallery=g, gallery_labels=gl)
-    expected = brute_force(q, ql, g, gl)
+    ours = retrieval_metrics(q, ql, gallery=g, gallery_labels=gl, recall_at=(1, 2, 4, 8, 40), engine=engine)
+    expected = brute_force(q, ql, g, gl, ks=(1, 2, 4, 8, 40))
     assert {k: ours[k] for k in expected} == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("gallery", [False, True])
+def test_rank_engine_over_many_blocks_equals_knn_engine(gallery):
+    """Blocks of 64 rows: diagonal and off-diagonal blocks, both sides of the symmetric scan, ragged edges;
+    duplicated rows make exact ties; unnormalised rows widen the error bound."""
+    emb, labels = random_embeddings(n=700, d=16, classes=90, seed=5)
+    emb[::7] = emb[1::7][: len(emb[::7])]  # exact duplicates, some across classes
+    emb[::11] *= 3.0
+    kwargs = {}
+    if gallery:
+        g, gl = random_embeddings(n=500, d=16, classes=90, seed=6)
+        kwargs = {"gallery": g, "gallery_labels": gl}
+    ks = (1, 5, 10, 100, 300)
+    ranks, r = relevant_ranks(emb, labels, kwargs.get("gallery"), kwargs.get("gallery_labels"), block=64)
+    ours = metrics_from_ranks(ranks, r, ks)
+    theirs = retrieval_metrics(emb, labels, recall_at=ks, engine="knn", **kwargs)
+    assert ours == {k: theirs[k] for k in ours}
+    assert (np.diff(ranks, axis=1)[np.arange(ranks.shape[1] - 1)[None, :] < r[:, None] - 1] > 0).all()
+
+
+def test_scores_closer_than_float32_are_ranked_in_exact_arithmetic():
+    # The negative n differs from the relevant p by far less than float32 GEMM can resolve in q.n vs q.p;
+    # exact arithmetic puts n ahead (q.n > q.p by 2^-30-ish), and the brute force (float64) agrees.
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=64).astype(np.float32)
+    p = rng.normal(size=64).astype(np.float32)
+    n = p.copy()
+    i = int(np.argmax(q))
+    n[i] = np.nextafter(p[i], np.float32(np.inf))  # q[i] > 0: q.n > q.p, by one ulp of p[i] times q[i]
+    emb = np.stack([q, p, n, -q]).astype(np.float32)
+    labels = np.array([0, 0, 1, 2])
+    ours = retrieval_metrics(emb, labels, recall_at=(1, 2), engine="ranks")
+    assert ours["recall_at_1"] == brute_force(emb, labels, ks=(1, 2))["recall_at_1"]
+    ranks, r = relevant_ranks(emb, labels)
+    assert ranks[0, 0] == 2  # n first, then p
+
+
+def test_engine_selection():
+    assert select_engine("ranks") == "ranks" and select_engine("knn") == "knn"
+    assert select_engine() == ("knn" if torch.cuda.is_available() else "ranks")
+    with pytest.raises(ValueError, match="metrics engine 'faiss'"):
+        select_engine("faiss")
 
 
 def test_map_at_r_by_hand():
@@ -68,20 +117,22 @@ def test_map_at_r_by_hand():
     assert out["precision_at_1"] == pytest.approx(2 / 3)
 
 
-def test_tied_embeddings_give_deterministic_metrics():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_tied_embeddings_give_deterministic_metrics(engine):
     emb = np.repeat(np.eye(4, dtype=np.float32), 3, axis=0)  # 4 classes x 3 identical points
     labels = np.repeat(np.arange(4), 3)
     labels_shuffled = labels.copy()
     labels_shuffled[[0, 3]] = labels_shuffled[[3, 0]]  # one swap: that point sits among another class's copies
-    first = retrieval_metrics(emb, labels_shuffled)
-    assert first == retrieval_metrics(emb, labels_shuffled)
-    assert retrieval_metrics(emb, labels)["map_at_r"] == 1.0
+    first = retrieval_metrics(emb, labels_shuffled, engine=engine)
+    assert first == retrieval_metrics(emb, labels_shuffled, engine=engine)
+    assert retrieval_metrics(emb, labels, engine=engine)["map_at_r"] == 1.0
     expected = brute_force(emb, labels_shuffled)
     assert {k: first[k] for k in expected} == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("gallery", [False, True])
-def test_agrees_with_pytorch_metric_learning(gallery):
+def test_agrees_with_pytorch_metric_learning(gallery, engine):
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
     emb, labels = random_embeddings(n=300, classes=20, seed=1)
@@ -89,11 +140,11 @@ def test_agrees_with_pytorch_metric_learning(gallery):
                               k="max_bin_count")
     if gallery:
         g, gl = random_embeddings(n=200, classes=20, seed=4)
-        ours = retrieval_metrics(emb, labels, recall_at=[1], gallery=g, gallery_labels=gl)
+        ours = retrieval_metrics(emb, labels, recall_at=[1], gallery=g, gallery_labels=gl, engine=engine)
         theirs = calc.get_accuracy(torch.from_numpy(emb), torch.from_numpy(labels), torch.from_numpy(g),
                                    torch.from_numpy(gl), ref_includes_query=False)
     else:
-        ours = retrieval_metrics(emb, labels, recall_at=[1])
+        ours = retrieval_metrics(emb, labels, recall_at=[1], engine=engine)
         theirs = calc.get_accuracy(torch.from_numpy(emb), torch.from_numpy(labels))
     assert ours["precision_at_1"] == pytest.approx(theirs["precision_at_1"], abs=1e-6)
     assert ours["map_at_r"] == pytest.approx(theirs["mean_average_precision_at_r"], abs=1e-6)
@@ -107,3 +158,23 @@ def test_nmi_is_high_for_separated_clusters_and_low_for_noise():
     assert min(scores) > 0.8 and max(scores) == pytest.approx(1.0)  # k-means may merge two clusters from a bad start
     noise = np.random.default_rng(3).normal(size=(200, 8)).astype(np.float32)
     assert nmi(noise, labels) < 0.2
+
+
+def test_spherical_kmeans_refills_emptied_clusters_and_matches_faiss_quality():
+    import faiss
+    from sklearn.metrics import normalized_mutual_info_score
+
+    # 3 distinct points, 6 clusters: duplicate centroids leave clusters empty and are refilled; clusters stay pure
+    x = np.repeat(np.eye(3, dtype=np.float32), 10, axis=0)
+    assign = spherical_kmeans(x, 6, niter=5, seed=0)
+    assert assign.min() >= 0 and assign.max() < 6
+    assert all(len({int(np.argmax(x[i])) for i in np.flatnonzero(assign == c)}) == 1 for c in set(assign.tolist()))
+    # on clustered data it is as good as faiss.Kmeans (spherical, same k and iterations)
+    emb, labels = random_embeddings(n=2000, d=32, classes=100, seed=3)
+    ours = np.mean([normalized_mutual_info_score(labels, spherical_kmeans(emb, 100, seed=s)) for s in range(3)])
+    theirs = []
+    for s in range(3):
+        km = faiss.Kmeans(32, 100, niter=20, seed=s, spherical=True, min_points_per_centroid=1)
+        km.train(emb)
+        theirs.append(normalized_mutual_info_score(labels, km.index.search(emb, 1)[1][:, 0]))
+    assert ours == pytest.approx(np.mean(theirs), abs=0.02)
