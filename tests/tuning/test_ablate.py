@@ -40,3 +40,13 @@ def test_shrunken_ablation_runs_every_variant_and_seed(tmp_path, tiny_shards):
     parent = next(r for r in runs if r.data.tags.get("mode") == "ablation-parent")
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"ablation.md", "ablation_recall_at_1.png"}
+
+
+def test_a_subset_of_variants_gets_a_row_each_in_the_given_order():
+    rows = [{"variant": v, "loss": "triplet", "seed": 0, "recall_at_1": 0.1, "map_at_r": 0.2, "nmi": 0.5}
+            for v in ("+both", "baseline")]
+    table = summarise(rows, ["triplet"], ["baseline", "+both"]).splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["baseline", "+both"]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "ablate", "--variants", "+attenton"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "invalid choice: '+attenton'" in proc.stderr
