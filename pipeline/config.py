@@ -188,6 +188,9 @@ class FaultConfig(_Section):
 class EvalConfig(_Section):
     recall_at: list[int] = [1, 2, 4, 8]
     batch_size: int = Field(256, ge=1)
+    engine: Literal["auto", "ranks", "knn"] = "auto"
+    """How the metrics search: ranks (exact ranks of relevant items in one fused CPU pass), knn (FAISS k-NN
+    lists, on the GPU where there is one); auto: knn with a CUDA device, else ranks. Same numbers."""
 
 
 class TrackingConfig(_Section):

@@ -64,27 +64,33 @@ def map_at_r(hits: np.ndarray, r: np.ndarray) -> dict[str, float]:
     }
 
 
-def spherical_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0) -> np.ndarray:
+def kmeans_seeds(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """The k distinct rows (sorted) that k-means starts from."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+def spherical_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0,
+                     first: np.ndarray | None = None) -> np.ndarray:
     """Cluster of each row: Lloyd's k-means with centroids renormalised (the natural choice for L2-normalised
     embeddings), started from k distinct random rows, stopped after ``niter`` updates or when no row moves.
 
     The nearest-centroid search is FAISS's (exact inner product). ``faiss.Kmeans`` runs the same iterations
     but keeps no assignment, so it costs one more full search at the end (15% of SOP's evaluation time).
-    An emptied cluster takes over half of the largest one, as in FAISS.
+    An emptied cluster takes over half of the largest one, as in FAISS. ``first``: the first assignment (each
+    row's nearest seed), when it is already known (``pipeline.ranks`` finds it in its pass).
     """
     import faiss
     from scipy import sparse
 
     n = len(x)
-    rng = np.random.default_rng(seed)
-    centroids = x[np.sort(rng.choice(n, size=k, replace=False))].copy()
+    centroids = x[kmeans_seeds(n, k, seed)].copy()
 
     def assign() -> np.ndarray:
         index = faiss.IndexFlatIP(x.shape[1])
         index.add(centroids)
         return index.search(x, 1)[1][:, 0]
 
-    labels = assign()
+    labels = assign() if first is None else np.asarray(first, dtype=np.int64).copy()
     for _ in range(niter):
         members = sparse.csr_matrix((np.ones(n, dtype=np.float32), (labels, np.arange(n))), shape=(k, n))
         sums = members @ x
@@ -105,12 +111,13 @@ def spherical_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0) -> n
     return labels
 
 
-def nmi(embeddings: np.ndarray, labels: np.ndarray, seed: int = 0, niter: int = 20) -> float:
+def nmi(embeddings: np.ndarray, labels: np.ndarray, seed: int = 0, niter: int = 20,
+        first: np.ndarray | None = None) -> float:
     """NMI of k-means clusters (k = number of classes, at most 20 iterations as pytorch-metric-learning runs
     FAISS's) vs the labels; spherical k-means (``spherical_kmeans``)."""
     k = len(np.unique(labels))
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
-    return float(normalized_mutual_info_score(labels, spherical_kmeans(x, k, niter, seed)))
+    return float(normalized_mutual_info_score(labels, spherical_kmeans(x, k, niter, seed, first)))
 
 
 def neighbours_needed(query_labels: np.ndarray, ref_labels: np.ndarray | None, recall_at: Iterable[int]) -> int:
@@ -147,7 +154,12 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, recall_at: Ite
     if select_engine(engine) == "ranks":
         from pipeline.ranks import metrics_from_ranks, relevant_ranks
 
-        ranks, r = relevant_ranks(embeddings, labels, gallery, ref_labels, progress=progress)
+        if self_search:  # the pass also finds k-means' first assignment (nearest seed row)
+            ranks, r, first = relevant_ranks(embeddings, labels, progress=progress,
+                                             seeds=kmeans_seeds(len(labels), len(np.unique(labels)), seed))
+        else:
+            ranks, r = relevant_ranks(embeddings, labels, gallery, ref_labels, progress=progress)
+            first = None
         out = metrics_from_ranks(ranks, r, ks)
     else:
         neighbors = knn(embeddings, neighbours_needed(labels, None if self_search else ref_labels, ks), gallery,
@@ -155,7 +167,8 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, recall_at: Ite
         hits = _relevant(neighbors, labels, ref_labels)
         out = recall_at_k(hits, ks)
         out.update(map_at_r(hits, relevant_counts(labels, ref_labels, self_search)))
-    out["nmi"] = nmi(embeddings, labels, seed)
+        first = None
+    out["nmi"] = nmi(embeddings, labels, seed, first=first)
     return out
 
 
@@ -209,7 +222,8 @@ def protocol_splits(manifest: dict, split: str) -> tuple[str, str | None]:
 
 def evaluate_model(model: torch.nn.Module, manifest: dict, root: str, split: str = "test",
                    recall_at: Iterable[int] = (1, 2, 4, 8), batch_size: int = 256, seed: int = 0,
-                   device: str | torch.device = "cpu", progress: bool = True, image_size: int = 64) -> Evaluation:
+                   device: str | torch.device = "cpu", progress: bool = True, image_size: int = 64,
+                   engine: str = "auto") -> Evaluation:
     """Embed a split (and its gallery, if any) in this process and compute the metrics once."""
     query_split, gallery_split = protocol_splits(manifest, split)
     emb, labels, _ = embed_split(model, manifest, root, query_split, batch_size, device, progress, image_size)
@@ -217,13 +231,14 @@ def evaluate_model(model: torch.nn.Module, manifest: dict, root: str, split: str
     if gallery_split:
         gallery, gallery_labels, _ = embed_split(model, manifest, root, gallery_split, batch_size, device, progress,
                                                  image_size)
-    metrics = retrieval_metrics(emb, labels, recall_at, seed, gallery, gallery_labels, progress=progress)
+    metrics = retrieval_metrics(emb, labels, recall_at, seed, gallery, gallery_labels, engine=engine, progress=progress)
     return Evaluation(metrics, emb, labels, query_split, gallery_split, gallery_labels, gallery)
 
 
 def validation_metrics(model: torch.nn.Module, manifest: dict, root: str, classes: set[int],
-                       recall_at: Iterable[int], batch_size: int, image_size: int, seed: int = 0) -> dict[str, float]:
+                       recall_at: Iterable[int], batch_size: int, image_size: int, seed: int = 0,
+                       engine: str = "auto") -> dict[str, float]:
     """Retrieval metrics on held-out *training* classes (the sweep's objective), keyed ``val/<metric>``."""
     emb, labels, _ = embed_split(model, manifest, root, "train", batch_size, progress=False, image_size=image_size,
                                  classes=classes)
-    return {f"val/{k}": v for k, v in retrieval_metrics(emb, labels, recall_at, seed).items()}
+    return {f"val/{k}": v for k, v in retrieval_metrics(emb, labels, recall_at, seed, engine=engine).items()}

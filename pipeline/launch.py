@@ -178,7 +178,8 @@ def evaluate_checkpoint(checkpoint: str, cfg: Config, manifest: dict[str, Any], 
 
     model, _, _ = load_model(checkpoint)
     return evaluate_model(model, manifest, cfg.data.root, split, cfg.eval.recall_at, cfg.eval.batch_size,
-                          seed=cfg.train.seed, progress=progress, image_size=cfg.data.image_size)
+                          seed=cfg.train.seed, progress=progress, image_size=cfg.data.image_size,
+                          engine=cfg.eval.engine)
 
 
 def log_evaluation(tracker: tracking.Tracker, ev: Any, manifest: dict[str, Any], root: str, prefix: str,

@@ -63,11 +63,14 @@ def _place(s, q, ref, Q, G, T, P, r, eps, hist, amb, row):
 
 
 @njit(parallel=True, cache=True)
-def _scan(S, r0, c0, diag, both, Q, G, T, P, R, lo, eps, hist, amb, chist, camb):
+def _scan(S, r0, c0, diag, both, Q, G, T, P, R, lo, eps, hist, amb, chist, camb, seed, best, barg, cbest, carg):
     """One block ``S = Q[r0:] @ G[c0:].T``: rows' queries vs columns, and (``both``) columns' queries vs rows.
 
     ``diag``: a diagonal block of the symmetric case, scanned above its diagonal only (no self pairs).
-    Column-side counts go to per-chunk buffers ``chist/camb`` (no two threads write one cell).
+    Column-side results go to per-chunk buffers ``chist/camb/cbest/carg`` (no two threads write one cell).
+    Along the way (symmetric case) each row's most similar *seed* row is kept: ``seed[j]`` is j's slot among
+    the seeds, or -1 (``best/barg``: score and slot so far; ties go to the lower slot). These are the first
+    assignment of k-means started from the seeds, which therefore needs no search of its own.
     """
     nb, nc = S.shape
     nch = chist.shape[0]
@@ -76,14 +79,22 @@ def _scan(S, r0, c0, diag, both, Q, G, T, P, R, lo, eps, hist, amb, chist, camb)
         for a in range(ch * step, min(nb, (ch + 1) * step)):
             i = r0 + a
             lo_i = lo[i]
+            best_i, barg_i = best[i], barg[i]
+            seed_i = seed[i] if both else -1
             start = a + 1 if diag else 0
             for b in range(start, nc):
                 s = S[a, b]
                 j = c0 + b
                 if s >= lo_i:
                     _place(s, i, j, Q, G, T, P, R[i], eps[i], hist, amb, i)
-                if both and s >= lo[j]:
-                    _place(s, j, i, G, Q, T, P, R[j], eps[j], chist[ch], camb[ch], b)
+                if both:
+                    if s >= lo[j]:
+                        _place(s, j, i, G, Q, T, P, R[j], eps[j], chist[ch], camb[ch], b)
+                    if s >= best_i and seed[j] >= 0 and (s > best_i or seed[j] < barg_i):
+                        best_i, barg_i = s, seed[j]
+                    if seed_i >= 0 and s >= cbest[ch, b] and (s > cbest[ch, b] or seed_i < carg[ch, b]):
+                        cbest[ch, b], carg[ch, b] = s, seed_i
+            best[i], barg[i] = best_i, barg_i
 
 
 @njit(parallel=True, cache=True)
@@ -124,12 +135,15 @@ def relevant_items(labels: np.ndarray, ref_labels: np.ndarray, self_search: bool
 
 
 def relevant_ranks(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray | None = None,
-                   gallery_labels: np.ndarray | None = None, block: int = 4096,
-                   progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                   gallery_labels: np.ndarray | None = None, block: int = 4096, progress: bool = False,
+                   seeds: np.ndarray | None = None):
     """(ranks, R): ``ranks[i, k]`` is the 1-based rank of query i's k-th relevant item among its references.
 
     References are the other queries (``gallery=None``, the standard protocol) or the gallery. Columns
     ``k >= R[i]`` are padding. Ranks of one query's relevant items increase with k.
+
+    ``seeds`` (standard protocol only): sorted row indices; then (ranks, R, nearest) is returned, ``nearest[i]``
+    the position in ``seeds`` of the seed row most similar to row i (itself, for a seed; ties: lower position).
     """
     self_search = gallery is None
     Q = np.ascontiguousarray(query, dtype=np.float32)
@@ -148,17 +162,39 @@ def relevant_ranks(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray | 
     hist = np.zeros(T.shape, dtype=np.int64)
     amb = np.zeros(T.shape, dtype=np.int64)
     nch = numba.get_num_threads()
+    if seeds is not None and not self_search:
+        raise ValueError("seeds: only for the standard protocol (no gallery)")
+    slot = np.full(len(Q), -1, dtype=np.int64)
+    if seeds is not None:
+        slot[seeds] = np.arange(len(seeds))
+    best = np.full(len(Q), -np.inf, dtype=np.float32)
+    barg = np.full(len(Q), np.iinfo(np.int64).max, dtype=np.int64)
     qt, gt = torch.from_numpy(Q), torch.from_numpy(G).T.contiguous()
     pairs = [(r0, c0) for r0 in range(0, len(Q), block) for c0 in range(r0 if self_search else 0, len(G), block)]
     for r0, c0 in tqdm(pairs, desc="rank relevant items", unit="block", disable=not progress):
         S = torch.mm(qt[r0:r0 + block], gt[:, c0:c0 + block]).numpy()
-        chist = np.zeros((nch, S.shape[1], T.shape[1]), dtype=np.int64) if self_search else np.zeros((1, 1, 1), np.int64)
+        width = S.shape[1] if self_search else 1
+        chist = np.zeros((nch, width, T.shape[1]), dtype=np.int64)
         camb = np.zeros_like(chist)
-        _scan(S, r0, c0, self_search and r0 == c0, self_search, Q, G, T, P, R, lo, eps, hist, amb, chist, camb)
+        cbest = np.full((nch, width), -np.inf, dtype=np.float32)
+        carg = np.full((nch, width), np.iinfo(np.int64).max, dtype=np.int64)
+        _scan(S, r0, c0, self_search and r0 == c0, self_search, Q, G, T, P, R, lo, eps, hist, amb, chist, camb,
+              slot, best, barg, cbest, carg)
         if self_search:
-            hist[c0:c0 + S.shape[1]] += chist.sum(axis=0)
-            amb[c0:c0 + S.shape[1]] += camb.sum(axis=0)
-    return np.cumsum(hist, axis=1) + amb + 1, R
+            cols = slice(c0, c0 + S.shape[1])
+            hist[cols] += chist.sum(axis=0)
+            amb[cols] += camb.sum(axis=0)
+            for ch in range(nch):  # merge the chunks' nearest seeds: higher score, then lower slot
+                better = (cbest[ch] > best[cols]) | ((cbest[ch] == best[cols]) & (carg[ch] < barg[cols]))
+                best[cols] = np.where(better, cbest[ch], best[cols])
+                barg[cols] = np.where(better, carg[ch], barg[cols])
+    ranks = np.cumsum(hist, axis=1) + amb + 1
+    if seeds is None:
+        return ranks, R
+    own = np.einsum("ij,ij->i", Q[seeds], Q[seeds])  # the diagonal is not scanned: a seed's score with itself
+    better = (own > best[seeds]) | ((own == best[seeds]) & (np.arange(len(seeds)) < barg[seeds]))
+    barg[seeds] = np.where(better, np.arange(len(seeds)), barg[seeds])
+    return ranks, R, barg
 
 
 def metrics_from_ranks(ranks: np.ndarray, R: np.ndarray, ks) -> dict[str, float]:

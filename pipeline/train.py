@@ -283,7 +283,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
             metrics.update(validation_metrics(module.embedder, manifest, cfg.data.root, val_classes,
                                               cfg.eval.recall_at, cfg.eval.batch_size, cfg.data.image_size,
-                                              cfg.train.seed))
+                                              cfg.train.seed, cfg.eval.engine))
         _report(config, metrics, rank, module, optimizer, scaler, epoch + 1, step, cfg, num_train_classes)
         tracker.log_metrics(_mlflow_metrics(metrics), step=epoch + 1)  # after the checkpoint: see resume above
 

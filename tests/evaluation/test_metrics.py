@@ -178,3 +178,22 @@ def test_spherical_kmeans_refills_emptied_clusters_and_matches_faiss_quality():
         km.train(emb)
         theirs.append(normalized_mutual_info_score(labels, km.index.search(emb, 1)[1][:, 0]))
     assert ours == pytest.approx(np.mean(theirs), abs=0.02)
+
+
+def test_the_rank_pass_finds_the_same_first_kmeans_assignment_as_a_search():
+    import faiss
+
+    from pipeline.evaluate import kmeans_seeds
+
+    emb, labels = random_embeddings(n=700, d=16, classes=90, seed=7)
+    seeds = kmeans_seeds(len(emb), 90, seed=3)
+    _, _, nearest = relevant_ranks(emb, labels, block=64, seeds=seeds)
+    index = faiss.IndexFlatIP(16)
+    index.add(emb[seeds])
+    scores, found = index.search(emb, 2)
+    clear = scores[:, 0] - scores[:, 1] > 1e-5  # no near-tie that float32 rounding could flip
+    assert clear.mean() > 0.9
+    assert np.array_equal(nearest[clear], found[clear, 0])
+    assert np.array_equal(nearest[seeds], np.arange(len(seeds)))
+    engine = retrieval_metrics(emb, labels, seed=3, engine="ranks")["nmi"]
+    assert engine == nmi(emb, labels, seed=3)  # same k-means whether the pass or a search gives its start
