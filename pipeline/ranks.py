@@ -161,6 +161,8 @@ def relevant_ranks(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray | 
     lo = np.where(R > 0, T[np.arange(len(Q)), np.maximum(R - 1, 0)] - eps, np.inf)
     hist = np.zeros(T.shape, dtype=np.int64)
     amb = np.zeros(T.shape, dtype=np.int64)
+    # as many scan threads as torch uses (1 in a Ray worker that was given 1 CPU), not every core
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))
     nch = numba.get_num_threads()
     if seeds is not None and not self_search:
         raise ValueError("seeds: only for the standard protocol (no gallery)")
