@@ -72,6 +72,11 @@ class SweepSpec(BaseModel):
     """Retrain the best configuration on all training classes and test it once."""
 
 
+def _yaml_text(value: Any) -> str:
+    """A value as the YAML text that ``--set`` parses back to it (null stays null, lists stay lists)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
+
+
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepSpec, Config]:
     """The sweep and its base config, every dotted name in the space checked against the config."""
     p = Path(path)
@@ -83,8 +88,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> tuple[Swe
     except ValidationError as err:
         first = err.errors()[0]
         raise ConfigError(f"{p}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    sets = [f"{k}={v}" if not isinstance(v, (list, dict)) else f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
-            for k, v in spec.set.items()]
+    sets = [f"{k}={_yaml_text(v)}" for k, v in spec.set.items()]
     base = config_mod.load((p.parent / spec.base).resolve(), [*sets, *(overrides or [])])
     if base.train.val_fraction <= 0:
         raise ConfigError("train.val_fraction: a sweep chooses on held-out training classes; set it above 0 "

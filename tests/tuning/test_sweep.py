@@ -67,3 +67,13 @@ def test_two_trial_sweep_logs_parent_children_and_a_final_test(tmp_path, tiny_sh
     assert "test/recall_at_1" in final.data.metrics and final.data.params["train.val_fraction"] == "0.0"
     assert "val/recall_at_1" not in final.data.metrics  # the final run never sees validation splits
     assert parent.data.metrics["final_test/recall_at_1"] == final.data.metrics["test/recall_at_1"]
+
+
+def test_set_values_keep_their_yaml_types(tmp_path, tiny_shards):
+    path = _write_sweep(tmp_path, tiny_shards)
+    spec = yaml.safe_load(path.read_text())
+    spec["set"].update({"model.attention.taps": None, "model.attention.kind": "cbam", "train.val_fraction": 0.3})
+    path.write_text(yaml.safe_dump(spec))
+    _, base = sweep.load_spec(path)
+    assert base.model.attention.taps is None and base.model.attention.kind == "cbam"
+    assert base.train.val_fraction == 0.3 and base.data.root == str(tiny_shards)
