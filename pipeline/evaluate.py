@@ -155,10 +155,10 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, recall_at: Ite
         from pipeline.ranks import metrics_from_ranks, relevant_ranks
 
         if self_search:  # the pass also finds k-means' first assignment (nearest seed row)
-            ranks, r, first = relevant_ranks(embeddings, labels, progress=progress,
+            ranks, r, first = relevant_ranks(embeddings, labels, progress=progress, max_rank=ks[-1],
                                              seeds=kmeans_seeds(len(labels), len(np.unique(labels)), seed))
         else:
-            ranks, r = relevant_ranks(embeddings, labels, gallery, ref_labels, progress=progress)
+            ranks, r = relevant_ranks(embeddings, labels, gallery, ref_labels, progress=progress, max_rank=ks[-1])
             first = None
         out = metrics_from_ranks(ranks, r, ks)
     else:

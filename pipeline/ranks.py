@@ -136,11 +136,16 @@ def relevant_items(labels: np.ndarray, ref_labels: np.ndarray, self_search: bool
 
 def relevant_ranks(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray | None = None,
                    gallery_labels: np.ndarray | None = None, block: int = 4096, progress: bool = False,
-                   seeds: np.ndarray | None = None):
+                   seeds: np.ndarray | None = None, max_rank: int | None = None):
     """(ranks, R): ``ranks[i, k]`` is the 1-based rank of query i's k-th relevant item among its references.
 
     References are the other queries (``gallery=None``, the standard protocol) or the gallery. Columns
     ``k >= R[i]`` are padding. Ranks of one query's relevant items increase with k.
+
+    ``max_rank``: the metrics need a rank only where it is at most ``max(max_rank, R)`` (the first relevant
+    item: Recall@K up to that K, and MAP@R) or at most ``R`` (the others). Once a relevant item is known to
+    rank beyond its cap it stops being tracked (its returned rank is only known to exceed the cap), so
+    scores below it no longer take the slow path: most of the matrix is then one comparison per score.
 
     ``seeds`` (standard protocol only): sorted row indices; then (ranks, R, nearest) is returned, ``nearest[i]``
     the position in ``seeds`` of the seed row most similar to row i (itself, for a seed; ties: lower position).
@@ -171,6 +176,11 @@ def relevant_ranks(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray | 
         slot[seeds] = np.arange(len(seeds))
     best = np.full(len(Q), -np.inf, dtype=np.float32)
     barg = np.full(len(Q), np.iinfo(np.int64).max, dtype=np.int64)
+    caps = None
+    if max_rank is not None:
+        caps = np.broadcast_to(R[:, None], T.shape).copy()
+        caps[:, 0] = np.maximum(R, max_rank)
+    rows = np.arange(len(Q))
     qt, gt = torch.from_numpy(Q), torch.from_numpy(G).T.contiguous()
     pairs = [(r0, c0) for r0 in range(0, len(Q), block) for c0 in range(r0 if self_search else 0, len(G), block)]
     for r0, c0 in tqdm(pairs, desc="rank relevant items", unit="block", disable=not progress):
@@ -190,6 +200,10 @@ def relevant_ranks(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray | 
                 better = (cbest[ch] > best[cols]) | ((cbest[ch] == best[cols]) & (carg[ch] < barg[cols]))
                 best[cols] = np.where(better, cbest[ch], best[cols])
                 barg[cols] = np.where(better, carg[ch], barg[cols])
+        if caps is not None:  # stop tracking relevant items known to rank beyond their cap (always a suffix)
+            over = np.cumsum(hist, axis=1) + amb >= caps
+            live = np.minimum(np.where(over.any(axis=1), over.argmax(axis=1), R), R)
+            lo[:] = np.where(live > 0, T[rows, np.maximum(live - 1, 0)] - eps, np.inf)
     ranks = np.cumsum(hist, axis=1) + amb + 1
     if seeds is None:
         return ranks, R

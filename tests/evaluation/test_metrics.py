@@ -197,3 +197,17 @@ def test_the_rank_pass_finds_the_same_first_kmeans_assignment_as_a_search():
     assert np.array_equal(nearest[seeds], np.arange(len(seeds)))
     engine = retrieval_metrics(emb, labels, seed=3, engine="ranks")["nmi"]
     assert engine == nmi(emb, labels, seed=3)  # same k-means whether the pass or a search gives its start
+
+
+@pytest.mark.parametrize("gallery", [False, True])
+def test_ranks_beyond_their_cap_are_dropped_without_changing_a_metric(gallery):
+    emb, labels = random_embeddings(n=900, d=16, classes=60, seed=8)
+    g, gl = random_embeddings(n=600, d=16, classes=60, seed=9) if gallery else (None, None)
+    exact, r = relevant_ranks(emb, labels, g, gl, block=64)
+    capped, _ = relevant_ranks(emb, labels, g, gl, block=64, max_rank=20)
+    cap = np.where(np.arange(exact.shape[1])[None, :] == 0, np.maximum(r, 20)[:, None], r[:, None])
+    keep = cap >= exact
+    assert np.array_equal(capped[keep], exact[keep]) and (capped[~keep] > cap[~keep]).all()
+    assert (~keep).sum() > 100  # the cap did drop items
+    ks = (1, 5, 20)
+    assert metrics_from_ranks(capped, r, ks) == metrics_from_ranks(exact, r, ks)
