@@ -201,9 +201,11 @@ def relevant_ranks(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray | 
                 best[cols] = np.where(better, cbest[ch], best[cols])
                 barg[cols] = np.where(better, carg[ch], barg[cols])
         if caps is not None:  # stop tracking relevant items known to rank beyond their cap (always a suffix)
-            over = np.cumsum(hist, axis=1) + amb >= caps
-            live = np.minimum(np.where(over.any(axis=1), over.argmax(axis=1), R), R)
-            lo[:] = np.where(live > 0, T[rows, np.maximum(live - 1, 0)] - eps, np.inf)
+            touched = [slice(r0, r0 + S.shape[0])] + ([slice(c0, c0 + S.shape[1])] if self_search and c0 != r0 else [])
+            for part in touched:
+                over = np.cumsum(hist[part], axis=1) + amb[part] >= caps[part]
+                live = np.minimum(np.where(over.any(axis=1), over.argmax(axis=1), R[part]), R[part])
+                lo[part] = np.where(live > 0, T[rows[part], np.maximum(live - 1, 0)] - eps[part], np.inf)
     ranks = np.cumsum(hist, axis=1) + amb + 1
     if seeds is None:
         return ranks, R
