@@ -151,6 +151,7 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, recall_at: Ite
     labels = np.asarray(labels)
     self_search = gallery is None
     ref_labels = labels if self_search else np.asarray(gallery_labels)
+    first = None  # k-means' first assignment, where the rank pass finds it
     if select_engine(engine) == "ranks":
         from pipeline.ranks import metrics_from_ranks, relevant_ranks
 
@@ -159,7 +160,6 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, recall_at: Ite
                                              seeds=kmeans_seeds(len(labels), len(np.unique(labels)), seed))
         else:
             ranks, r = relevant_ranks(embeddings, labels, gallery, ref_labels, progress=progress, max_rank=ks[-1])
-            first = None
         out = metrics_from_ranks(ranks, r, ks)
     else:
         neighbors = knn(embeddings, neighbours_needed(labels, None if self_search else ref_labels, ks), gallery,
@@ -167,7 +167,6 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, recall_at: Ite
         hits = _relevant(neighbors, labels, ref_labels)
         out = recall_at_k(hits, ks)
         out.update(map_at_r(hits, relevant_counts(labels, ref_labels, self_search)))
-        first = None
     out["nmi"] = nmi(embeddings, labels, seed, first=first)
     return out
 

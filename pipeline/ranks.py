@@ -116,15 +116,9 @@ def relevant_items(labels: np.ndarray, ref_labels: np.ndarray, self_search: bool
                    query: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(T, P, R): per query, its relevant items' exact scores (descending, ties by lower index), indices, count."""
     members = np.argsort(ref_labels, kind="stable")
-    classes, first = np.unique(ref_labels[members], return_index=True)
-    last = np.append(first[1:], len(members))
-    if len(classes):
-        pos = np.minimum(np.searchsorted(classes, labels), len(classes) - 1)
-        found = classes[pos] == labels
-    else:
-        pos, found = np.zeros(len(labels), dtype=np.int64), np.zeros(len(labels), dtype=bool)
-    start = np.where(found, first[pos] if len(classes) else 0, 0).astype(np.int64)
-    stop = np.where(found, last[pos] if len(classes) else 0, 0).astype(np.int64)
+    by_class = ref_labels[members]  # a query's class is members[start:stop] (empty where the class is absent)
+    start = np.searchsorted(by_class, labels, side="left").astype(np.int64)
+    stop = np.searchsorted(by_class, labels, side="right").astype(np.int64)
     width = max(int((stop - start).max(initial=0)), 1)
     T = np.full((len(labels), width), -np.inf)
     P = np.full((len(labels), width), np.iinfo(np.int64).max, dtype=np.int64)
@@ -163,7 +157,13 @@ def relevant_ranks(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray | 
     g_norm = np.linalg.norm(G.astype(np.float64), axis=1)
     # GEMM error bound for any pair of query i (rows in the symmetric case are queries too: Q is G)
     eps = 2.0 * (Q.shape[1] + 2) * UNIT_ROUNDOFF * q_norm * g_norm.max(initial=0.0) + 1e-30
-    lo = np.where(R > 0, T[np.arange(len(Q)), np.maximum(R - 1, 0)] - eps, np.inf)
+    rows = np.arange(len(Q))
+
+    def lowest(live: np.ndarray, part=slice(None)) -> np.ndarray:
+        """The scan's fast test per query: the score of its lowest still-tracked relevant item, less the bound."""
+        return np.where(live > 0, T[rows[part], np.maximum(live - 1, 0)] - eps[part], np.inf)
+
+    lo = lowest(R)
     hist = np.zeros(T.shape, dtype=np.int64)
     amb = np.zeros(T.shape, dtype=np.int64)
     # as many scan threads as torch uses (1 in a Ray worker that was given 1 CPU), not every core
@@ -180,7 +180,6 @@ def relevant_ranks(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray | 
     if max_rank is not None:
         caps = np.broadcast_to(R[:, None], T.shape).copy()
         caps[:, 0] = np.maximum(R, max_rank)
-    rows = np.arange(len(Q))
     qt, gt = torch.from_numpy(Q), torch.from_numpy(G).T.contiguous()
     pairs = [(r0, c0) for r0 in range(0, len(Q), block) for c0 in range(r0 if self_search else 0, len(G), block)]
     for r0, c0 in tqdm(pairs, desc="rank relevant items", unit="block", disable=not progress):
@@ -205,7 +204,7 @@ def relevant_ranks(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray | 
             for part in touched:
                 over = np.cumsum(hist[part], axis=1) + amb[part] >= caps[part]
                 live = np.minimum(np.where(over.any(axis=1), over.argmax(axis=1), R[part]), R[part])
-                lo[part] = np.where(live > 0, T[rows[part], np.maximum(live - 1, 0)] - eps[part], np.inf)
+                lo[part] = lowest(live, part)
     ranks = np.cumsum(hist, axis=1) + amb + 1
     if seeds is None:
         return ranks, R
