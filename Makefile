@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo demo-local test test-fast clean
+.PHONY: setup demo demo-local test test-fast gpu-check clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,9 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) data ray_results mlruns mlflow.db .pytest_cache

@@ -1,0 +1,142 @@
+"""The rank engine in torch: exact ranks of every relevant item, on a GPU (or any torch device).
+
+Same definition and same numbers as the CPU engine (``evaluation.ranks``):
+
+- a query's relevant items and their exact scores: the float64 dot product of the two float32 embeddings,
+  summed in index order. Each product of two float32 values is exact in float64, so a fused multiply-add
+  gives the same sum as a multiply then an add; the sum here runs over the dimensions one after another,
+  exactly as the CPU kernel does, so both engines compute bit-identical exact scores;
+- the similarity matrix in float32 GEMM blocks (TF32 off), whose error is bounded by ``2 (d + 2) u |a| |b|``;
+  a score farther than that from a threshold decides alone (the thresholds are rounded outwards to float32,
+  which only widens the band), the rest are recomputed exactly; ties go to the lower index.
+
+Every score is compared with every relevant item's threshold (one pass per relevant-item slot), so a class of
+thousands of images costs as many passes; DML test sets have classes of up to a few hundred. Memory: the
+embeddings on the device plus one ``rows x cols`` block and its masks (about 2 GB at 4096 x 65536).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.evaluation.ranks import UNIT_ROUNDOFF, relevant_members
+
+_PAIRS_PER_CHUNK = 1 << 18
+
+
+@contextlib.contextmanager
+def _ieee_float32_matmul() -> Iterator[None]:
+    """Full float32 GEMM (no TF32): the error bound assumes it."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def exact_dots(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """float64 ``a[rows[p]] . b[cols[p]]`` for every pair p, summed over the dimensions in order."""
+    out = torch.empty(len(rows), dtype=torch.float64, device=a.device)
+    for start in range(0, len(rows), _PAIRS_PER_CHUNK):
+        r, c = rows[start:start + _PAIRS_PER_CHUNK], cols[start:start + _PAIRS_PER_CHUNK]
+        x = a[r].double().T.contiguous()  # (d, pairs): each dimension's values contiguous
+        y = b[c].double().T.contiguous()
+        acc = torch.zeros(len(r), dtype=torch.float64, device=a.device)
+        for t in range(x.shape[0]):
+            acc.addcmul_(x[t], y[t])
+        out[start:start + len(r)] = acc
+    return out
+
+
+def _float32_above(x: torch.Tensor) -> torch.Tensor:
+    """The smallest float32 >= each float64 value."""
+    y = x.float()
+    return torch.where(y.double() < x, torch.nextafter(y, torch.full_like(y, float("inf"))), y)
+
+
+def _float32_below(x: torch.Tensor) -> torch.Tensor:
+    """The largest float32 <= each float64 value."""
+    y = x.float()
+    return torch.where(y.double() > x, torch.nextafter(y, torch.full_like(y, float("-inf"))), y)
+
+
+def relevant_ranks_torch(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray | None = None,
+                         gallery_labels: np.ndarray | None = None, device: str | torch.device = "cuda",
+                         block_rows: int = 4096, block_cols: int = 65536, progress: bool = False
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """(ranks, R) exactly as ``evaluation.ranks.relevant_ranks`` gives them, computed on ``device``.
+
+    ``ranks[i, k]`` is the 1-based rank of query i's k-th relevant item (columns ``k >= R[i]`` are padding).
+    """
+    device = torch.device(device)
+    self_search = gallery is None
+    Q = np.ascontiguousarray(query, dtype=np.float32)
+    G = Q if self_search else np.ascontiguousarray(gallery, dtype=np.float32)
+    labels = np.asarray(labels)
+    ref_labels = labels if self_search else np.asarray(gallery_labels)
+    if len(ref_labels) != len(G) or len(labels) != len(Q):
+        raise ValueError(f"labels and embeddings differ in length ({len(labels)} vs {len(Q)}, "
+                         f"{len(ref_labels)} vs {len(G)})")
+    members, start, stop, width = relevant_members(labels, ref_labels)
+    n = len(Q)
+    q = torch.from_numpy(Q).to(device)
+    g = q if self_search else torch.from_numpy(G).to(device)
+
+    # Relevant items of every query, their exact scores, sorted descending (ties: lower index first).
+    counts = stop - start
+    pair_rows = np.repeat(np.arange(n), counts)
+    offsets = np.arange(len(pair_rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    pair_cols = members[np.repeat(start, counts) + offsets]
+    if self_search:
+        keep = pair_cols != pair_rows
+        pair_rows, pair_cols = pair_rows[keep], pair_cols[keep]
+    R = np.bincount(pair_rows, minlength=n).astype(np.int64)
+    rows_t = torch.from_numpy(pair_rows).to(device)
+    cols_t = torch.from_numpy(pair_cols).to(device)
+    scores = exact_dots(q, g, rows_t, cols_t)
+    slot = torch.from_numpy(np.arange(len(pair_rows)) - np.repeat(np.cumsum(R) - R, R)).to(device)
+    T = torch.full((n, width), float("-inf"), dtype=torch.float64, device=device)
+    P = torch.full((n, width), np.iinfo(np.int64).max, dtype=torch.int64, device=device)
+    T[rows_t, slot] = scores
+    P[rows_t, slot] = cols_t
+    order = torch.from_numpy(np.lexsort((P.cpu().numpy(), -T.cpu().numpy()), axis=-1)).to(device)
+    T, P = torch.gather(T, 1, order), torch.gather(P, 1, order)
+
+    R_t = torch.from_numpy(R).to(device)
+    live = torch.arange(width, device=device)[None, :] < R_t[:, None]
+    q_norm = torch.linalg.vector_norm(q.double(), dim=1)
+    g_max = torch.linalg.vector_norm(g.double(), dim=1).max() if len(g) else torch.tensor(0.0, device=device)
+    eps = 2.0 * (Q.shape[1] + 2) * UNIT_ROUNDOFF * q_norm * g_max + 1e-30
+    inf = torch.tensor(float("inf"), dtype=torch.float32, device=device)
+    hi = torch.where(live, _float32_above(T + eps[:, None]), inf)  # beyond: certainly ahead of slot k
+    lo = torch.where(live, _float32_below(T - eps[:, None]), inf)  # below: certainly not ahead
+
+    ahead = torch.zeros((n, width), dtype=torch.int64, device=device)
+    blocks = [(r0, c0) for r0 in range(0, n, block_rows) for c0 in range(0, len(G), block_cols)]
+    with _ieee_float32_matmul():
+        for r0, c0 in tqdm(blocks, desc="rank relevant items", unit="block", disable=not progress):
+            r1, c1 = min(n, r0 + block_rows), min(len(G), c0 + block_cols)
+            S = q[r0:r1] @ g[c0:c1].T
+            if self_search and r0 < c1 and c0 < r1:  # a query is not its own reference
+                own = torch.arange(max(r0, c0), min(r1, c1), device=device)
+                S[own - r0, own - c0] = float("-inf")
+            band = torch.zeros_like(S, dtype=torch.bool)
+            for k in range(width):
+                ahead[r0:r1, k] += (S > hi[r0:r1, k:k + 1]).sum(dim=1)
+                band |= (S >= lo[r0:r1, k:k + 1]) & (S <= hi[r0:r1, k:k + 1])
+            local_rows, local_cols = band.nonzero(as_tuple=True)
+            if len(local_rows) == 0:
+                continue
+            rows, cols = local_rows + r0, local_cols + c0
+            s = S[local_rows, local_cols]
+            exact = exact_dots(q, g, rows, cols)
+            within = (s[:, None] >= lo[rows]) & (s[:, None] <= hi[rows])
+            beats = (exact[:, None] > T[rows]) | ((exact[:, None] == T[rows]) & (cols[:, None] < P[rows]))
+            ahead.index_add_(0, rows, (within & beats).long())
+    return (ahead + 1).cpu().numpy(), R
