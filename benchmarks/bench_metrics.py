@@ -27,9 +27,10 @@ def make_data(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     sizes = []
     while sum(sizes) < n:
         sizes.append(int(rng.integers(2, 9)))
-    sizes[-1] -= sum(sizes) - n
+    sizes[-1] = n - sum(sizes[:-1])  # 1 to 8: the last class takes what is left
     if sizes[-1] < 2:
-        sizes[-2] += sizes.pop()
+        last = sizes.pop()  # (not `sizes[-2] += sizes.pop()`: its index is taken before the pop)
+        sizes[-1] += last
     labels = np.repeat(np.arange(len(sizes)), sizes)
     centers = rng.normal(size=(len(sizes), dim)).astype(np.float32)
     emb = centers[labels] + rng.normal(scale=3.0, size=(n, dim)).astype(np.float32)
@@ -41,7 +42,7 @@ def run_side(side: str, n: int, dim: int, engine: str = "auto") -> dict:
     import torch
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
-    from pipeline.evaluate import retrieval_metrics
+    from pipeline.evaluation.metrics import retrieval_metrics
 
     emb, labels = make_data(n, dim)
     if side != "pml":
@@ -85,7 +86,7 @@ def main() -> None:
     pml = measure("pml", n, args.dim, args.engine)
     same_set = measure("gdml-same", n, args.dim, args.engine)
     gdml = measure("gdml", n, args.dim, args.engine)
-    from pipeline.evaluate import select_engine
+    from pipeline.evaluation.metrics import select_engine
 
     print(f"{n} x {args.dim} embeddings, {gdml['classes']} classes (each side in its own process); "
           f"gdml engine: {select_engine(args.engine)}")

@@ -25,15 +25,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from deploy.package import build_index
 from deploy.retrieval_model import RetrievalModel
 from pipeline import config as config_mod
+from pipeline.checkpoint import save_checkpoint
 from pipeline.data import shards
-from pipeline.data.stream import SplitImages, train_transform
+from pipeline.data.samples import SplitImages
+from pipeline.data.transforms import train_transform
+from pipeline.evaluation.index import serving_index
 from pipeline.launch import resolve_paths
 from pipeline.model.embedder import Embedder
 from pipeline.objectives import MetricLoss, TrainModule
-from pipeline.train import build_optimizer, save_checkpoint
+from pipeline.train import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +52,7 @@ def main() -> None:
     model = Embedder(cfg.model, manifest["splits"]["train"]["classes"], cfg.data.image_size)
     module = TrainModule(model, MetricLoss(cfg.loss, manifest["splits"]["train"]["classes"], cfg.model.embedding_size))
     save_checkpoint(tmp / "ckpt", module, build_optimizer(module, cfg), torch.amp.GradScaler("cpu", enabled=False),
-                    1, 0, cfg, manifest["splits"]["train"]["classes"], {})
+                    cfg, manifest["splits"]["train"]["classes"], 1, 0, {})
 
     images = []
     for img, _, _ in SplitImages(manifest, cfg.data.root, "test", raw=True):
@@ -75,7 +77,7 @@ def main() -> None:
 
     rows, results = [], {}
     for kind, threshold in (("exact", 10**9), ("ivf", 1)):
-        index, built = build_index(gallery, ivf_threshold=threshold, nprobe=16)
+        index, built = serving_index(gallery, ivf_threshold=threshold, nprobe=16)
         import faiss
 
         faiss.write_index(index, str(tmp / f"{kind}.index"))

@@ -22,7 +22,8 @@ import torch
 from pipeline import config as config_mod
 from pipeline.config import Config
 from pipeline.data import shards
-from pipeline.data.stream import BalancedStream, train_loader, train_transform
+from pipeline.data.stream import BalancedStream, train_loader
+from pipeline.data.transforms import train_transform
 from pipeline.launch import fit, resolve_paths
 from pipeline.model.embedder import Embedder
 from pipeline.tracking import Tracker

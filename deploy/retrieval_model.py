@@ -59,11 +59,13 @@ class RetrievalModel(PythonModel):
         import faiss
         import torch
 
-        from pipeline.data.stream import eval_transform
-        from pipeline.train import load_model
+        from pipeline.checkpoint import load_model
+        from pipeline.data.transforms import eval_transform
+        from pipeline.runtime import inference_device
 
         torch.set_num_threads(max(1, torch.get_num_threads()))
-        self.model, cfg, _ = load_model(context.artifacts["checkpoint"])
+        self.device = inference_device()
+        self.model, cfg, _ = load_model(context.artifacts["checkpoint"], self.device)
         self.transform = eval_transform(cfg.data.image_size)
         self.index = faiss.read_index(context.artifacts["index"])
         gallery = json.loads(open(context.artifacts["gallery"]).read())
@@ -76,9 +78,9 @@ class RetrievalModel(PythonModel):
         import torch
 
         with torch.no_grad():
-            batch = torch.stack([self.transform(im) for im in images])
+            batch = torch.stack([self.transform(im) for im in images]).to(self.device)
             emb, _ = self.model(batch)
-        return np.ascontiguousarray(emb.float().numpy())
+        return np.ascontiguousarray(emb.float().cpu().numpy())
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:  # noqa: ANN001
         k = (params or {}).get("k", 5)

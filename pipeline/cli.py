@@ -12,8 +12,6 @@ from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-METRIC_ORDER = ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "recall_at_10", "recall_at_100",
-                "recall_at_1000", "map_at_r", "r_precision", "precision_at_1", "nmi")
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: Path | None = None) -> None:
@@ -43,17 +41,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="shards location, if not where the model was trained from")
     p.add_argument("--no-plots", action="store_true", help="metrics only")
 
+    from pipeline.data.sources import SOURCES
+    from pipeline.variants import VARIANTS
+
     p = sub.add_parser("tune", help="hyper-parameter sweep with Ray Tune (same as python tuning/sweep.py)")
-    p.add_argument("--config", required=True, type=Path, help="sweep YAML, e.g. configs/sweep_demo.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a base config value for every trial")
+    _add_tune_args(p)
 
     p = sub.add_parser("ablate", help="baseline / +attention / +adversary / +both x losses x seeds on unseen classes")
     _add_config_args(p, DEMO_CONFIG)
     p.add_argument("--losses", nargs="+", default=["contrastive", "triplet", "multi_similarity"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", choices=["baseline", "+attention", "+adversary", "+both"],
-                   default=["baseline", "+attention", "+adversary", "+both"], help="which variants to run (default all)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="which variants to run (default all)")
     p.add_argument("--out", type=Path, default=Path("ablation.md"), help="markdown table (default ablation.md)")
 
     p = sub.add_parser("package", help="embed a gallery, index it, and register the model + index in MLflow")
@@ -79,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     shard_sub = p.add_subparsers(dest="shards_command", required=True)
     b = shard_sub.add_parser("build", help="build (or reuse) the shards of data.source under data.root")
     _add_config_args(b)
-    b.add_argument("--source", help="data.source: emoji, cub, cars196, sop, inshop, folder")
+    b.add_argument("--source", help=f"data.source: {', '.join(SOURCES)}")
     b.add_argument("--path", help="data.path: the raw dataset's folder")
     b.add_argument("--out", help="data.root: where the shards go")
     b.add_argument("--shard-size", type=int, help="data.shard_max_samples: target images per shard")
@@ -89,9 +88,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_tune_args(p: argparse.ArgumentParser) -> None:
+    from tuning.sweep import add_arguments
+
+    add_arguments(p)
+
+
 def _format_metrics_table(rows: dict[str, dict[str, float]], extra: dict[str, dict[str, str]] | None = None) -> str:
+    from pipeline.evaluation.metrics import ordered
+
     names = list(rows)
-    keys = [k for k in METRIC_ORDER if any(k in r for r in rows.values())]
+    keys = ordered(k for r in rows.values() for k in r)
     width = max(12, *(len(n) for n in names))
     lines = ["metric".ljust(14) + "".join(n.rjust(width + 2) for n in names)]
     for k in keys:
@@ -120,15 +127,16 @@ def _ui_hint(uri: str) -> str:
 
 
 def demo_variants(cfg: Config) -> dict[str, Config]:
-    """The baseline (no attention, no adversary) and the full framework, otherwise identical."""
-    from pipeline.launch import with_parts
+    """The baseline (no attention, no adversary) and the full framework (+both), otherwise identical."""
+    from pipeline.variants import with_variant
 
-    return {"baseline": with_parts(cfg, False, False), "framework": with_parts(cfg, True, True)}
+    return {name: with_variant(cfg, name) for name in ("baseline", "+both")}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.launch import check_model, resolve_paths, train_and_evaluate
     from pipeline.data import shards
+    from pipeline.launch import check_model, resolve_paths, train_and_evaluate
+    from pipeline.variants import slug
 
     cfg = config_mod.load(args.config, args.overrides)
     variants = demo_variants(cfg)
@@ -143,7 +151,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"\n== {label}: attention={vcfg.model.attention.enabled} adversary={vcfg.model.adversary.enabled} "
               f"loss={vcfg.loss.name} epochs={vcfg.train.epochs} ({'local' if args.local else f'{vcfg.train.workers} Ray workers'})",
               flush=True)
-        results[label] = train_and_evaluate(vcfg, local=args.local, name=f"demo-{label}-{stamp}", tags={"demo": stamp})
+        results[label] = train_and_evaluate(vcfg, local=args.local, name=f"demo-{slug(label)}-{stamp}",
+                                            tags={"demo": stamp})
     elapsed = time.perf_counter() - started
     first = next(iter(results.values()))
     d = cfg.data
@@ -184,32 +193,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import tempfile
 
     from pipeline import tracking
+    from pipeline.checkpoint import checkpoint_config, load_checkpoint
     from pipeline.data import shards
-    from pipeline.launch import evaluate_checkpoint, log_evaluation
-    from pipeline.train import CHECKPOINT_FILE, load_model
+    from pipeline.evaluation.run import evaluate_checkpoint, log_evaluation
+    from pipeline.paths import absolute
 
     uri = tracking.resolve_uri(Config().tracking)
     with tempfile.TemporaryDirectory(prefix="gdml-eval-") as tmp:
-        if args.run:
-            checkpoint = tracking.download_checkpoint(uri, args.run, tmp)
-        else:
-            checkpoint = str(args.checkpoint)
-            if not (args.checkpoint / CHECKPOINT_FILE).is_file():
-                raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no {CHECKPOINT_FILE} there")
-        _, cfg, _ = load_model(checkpoint)
+        checkpoint = tracking.download_checkpoint(uri, args.run, tmp) if args.run else str(args.checkpoint)
+        cfg = checkpoint_config(load_checkpoint(checkpoint), checkpoint)
         if args.data_root:
-            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": str(Path(args.data_root).resolve())})})
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": absolute(args.data_root)})})
         manifest = shards.load_manifest(cfg.data.root)
         ev = evaluate_checkpoint(checkpoint, cfg, manifest, args.split)
-        run_id = args.run or tracking.start_run(uri, cfg.tracking.experiment, f"eval-{Path(checkpoint).name}",
-                                                tags={"evaluates": str(Path(checkpoint).resolve())})
-        tracker = tracking.Tracker(uri, run_id)
+        tracker = tracking.Tracker(uri, args.run) if args.run else tracking.Tracker.start(
+            uri, cfg.tracking.experiment, f"eval-{Path(checkpoint).name}",
+            tags={"evaluates": str(Path(checkpoint).resolve())})
         log_evaluation(tracker, ev, manifest, cfg.data.root, args.split, plots=not args.no_plots,
                        seed=cfg.train.seed)
         if not args.run:
             tracker.end()
     print(_format_metrics_table({args.split: ev.metrics}))
-    print(f"\nlogged to MLflow run {run_id} as {args.split}/<metric>" + ("" if args.no_plots else f" with plots/{args.split}_*.png"))
+    print(f"\nlogged to MLflow run {tracker.run_id} as {args.split}/<metric>"
+          + ("" if args.no_plots else f" with plots/{args.split}_*.png"))
     return 0
 
 

@@ -8,15 +8,25 @@ one line and exit with code 2 before any work starts.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """A configuration problem, already phrased as one line naming the key."""
+
+
+def one_of(value: str, allowed: Iterable[str]) -> str:
+    """``value`` if it is among ``allowed`` (a registry's names), else a ValueError listing them."""
+    names = list(allowed)
+    if value not in names:
+        listed = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}" if len(names) > 1 else repr(names[0])
+        raise ValueError(f"Input should be {listed}")
+    return value
 
 
 class _Section(BaseModel):
@@ -24,8 +34,9 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["emoji", "cub", "cars196", "sop", "inshop", "folder"] = "emoji"
-    """emoji (embedded), cub, cars196, sop, inshop (their published layouts under data.path), folder."""
+    source: str = "emoji"
+    """A source of ``pipeline.data.sources.SOURCES``: emoji (embedded), cub, cars196, sop, inshop (their published
+    layouts under data.path), folder."""
     path: str | None = None
     """The raw dataset's folder (all sources but emoji)."""
     root: str = "data/emoji"
@@ -49,6 +60,13 @@ class DataConfig(_Section):
     """Building fails if more than this fraction of images cannot be read (they are listed either way)."""
     build_workers: int = Field(2, ge=1)
     """Processes that write shards in parallel."""
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        from pipeline.data.sources import SOURCES
+
+        return one_of(value, SOURCES)
 
 
 class SamplerConfig(_Section):
@@ -86,15 +104,22 @@ class AugmentConfig(_Section):
 class AttentionConfig(_Section):
     enabled: bool = True
     """Off: the embedding comes from the last backbone layer alone (the baseline)."""
-    kind: Literal["additive", "cbam", "avg"] = "additive"
+    kind: str = "additive"
     """additive: 'Learn to Pay Attention'-style spatial attention queried by the last block; cbam: channel then
-    spatial attention (CBAM); avg: plain global pooling (the ablation)."""
+    spatial attention (CBAM); avg: plain global pooling (the ablation). See ``model.attention.KINDS``."""
     taps: list[str] | None = None
     """Intermediate backbone layers (submodule names) pooled into the embedding; None: the backbone's default."""
     width: int = Field(256, ge=8)
     """Common width each tap is projected to by a 1x1 convolution."""
     shared: bool = True
     """One attention module shared across taps (the lead design), or one per tap."""
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from pipeline.model.attention import KINDS
+
+        return one_of(value, KINDS)
 
 
 class AdversaryConfig(_Section):
@@ -110,11 +135,9 @@ class AdversaryConfig(_Section):
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
 
 
-BACKBONE_NAMES = Literal["resnet18", "resnet50", "googlenet", "bninception", "efficientnet_lite0"]
-
-
 class ModelConfig(_Section):
-    backbone: BACKBONE_NAMES = "resnet18"
+    backbone: str = "resnet18"
+    """A backbone of ``pipeline.model.backbone.BACKBONES``."""
     pretrained: str | None = None
     """None: random init; 'imagenet': ImageNet weights (shipped in a package for efficientnet_lite0, downloaded by
     torchvision for the others where the machine can); or the path of a local weights file."""
@@ -127,15 +150,26 @@ class ModelConfig(_Section):
     attention: AttentionConfig = AttentionConfig()
     adversary: AdversaryConfig = AdversaryConfig()
 
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        from pipeline.model.backbone import BACKBONES
 
-LOSS_NAMES = Literal["multi_similarity", "contrastive", "triplet", "margin", "ntxent", "npairs",
-                     "proxy_nca", "proxy_anchor"]
+        return one_of(value, BACKBONES)
 
 
 class LossConfig(_Section):
-    name: LOSS_NAMES = "multi_similarity"
+    name: str = "multi_similarity"
+    """A loss of ``pipeline.objectives.LOSSES`` (pytorch-metric-learning)."""
     params: dict[str, float | int | bool | str] = {}
     """Keyword arguments of the pytorch-metric-learning loss (margins ...), checked against its signature."""
+
+    @field_validator("name")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        from pipeline.objectives import LOSSES
+
+        return one_of(value, LOSSES)
 
 
 class TrainConfig(_Section):
@@ -154,8 +188,9 @@ class TrainConfig(_Section):
     """Ray Train workers (DDP ranks); ignored in local mode (one process)."""
     cpus_per_worker: int = Field(1, ge=1)
     """CPUs (and torch threads) per Ray Train worker; in local mode, torch threads."""
-    use_gpu: bool | None = None
-    """None: use GPUs where Ray sees them."""
+    device: str = "auto"
+    """auto: the GPU Ray Train gives each worker (local mode, evaluation, packaging, serving: CUDA where present),
+    else the CPU; cpu or cuda force it (cuda without a visible GPU stops before any work)."""
     max_steps_per_epoch: int | None = Field(None, ge=1)
     """Cap steps per epoch (quick runs, tests)."""
     storage_path: str = "ray_results"
@@ -175,6 +210,14 @@ class TrainConfig(_Section):
     """Memory format of images and model: auto = channels_last on GPU."""
 
 
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        from pipeline.runtime import DEVICES
+
+        return one_of(value, DEVICES)
+
+
 class FaultConfig(_Section):
     """Fault injection, for testing recovery: each fault happens once per run."""
 
@@ -187,10 +230,25 @@ class FaultConfig(_Section):
 
 class EvalConfig(_Section):
     recall_at: list[int] = [1, 2, 4, 8]
+    """K of Recall@K (positive, at least one)."""
     batch_size: int = Field(256, ge=1)
-    engine: Literal["auto", "ranks", "knn"] = "auto"
+    engine: str = "auto"
     """How the metrics search: ranks (exact ranks of relevant items in one fused CPU pass), knn (FAISS k-NN
     lists, on the GPU where there is one); auto: knn with a CUDA device, else ranks. Same numbers."""
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        from pipeline.evaluation.metrics import ENGINES
+
+        return one_of(value, ENGINES)
+
+    @field_validator("recall_at")
+    @classmethod
+    def _positive_ks(cls, value: list[int]) -> list[int]:
+        if not value or min(value) < 1:
+            raise ValueError("expected at least one K, each at least 1, e.g. [1, 2, 4, 8]")
+        return sorted(set(value))
 
 
 class TrackingConfig(_Section):
@@ -263,21 +321,35 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """Set ``raw[a][b][c] = value`` for ``key = 'a.b.c'`` (in place), creating sections on the way."""
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+    return raw
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set ``a.b.c=value`` entries into a nested dict (in place) and return it."""
+    """Set ``a.b.c=value`` entries (values parsed as YAML) into a nested dict (in place) and return it."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. model.adversary.weight=0.3")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = raw
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{key}: {part!r} is a value, not a section")
-            node = child
-        node[parts[-1]] = parse_value(value)
+        set_dotted(raw, key, parse_value(value))
     return raw
+
+
+def with_values(cfg: "Config", values: dict[str, Any]) -> "Config":
+    """A validated copy of ``cfg`` with values set by dotted name (as sweeps and the CLI address them)."""
+    raw = cfg.to_dict()
+    for key, value in values.items():
+        set_dotted(raw, key, value)
+    return from_dict(raw)
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -287,8 +359,10 @@ def from_dict(raw: dict[str, Any]) -> Config:
         raise ConfigError(_format_error(err)) from None
 
 
-def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults), apply ``--set`` overrides and validate everything."""
+def load(path: str | Path | None = None, overrides: list[str] | None = None,
+         values: dict[str, Any] | None = None) -> Config:
+    """Load a YAML config (or the defaults), set ``values`` (dotted name -> value), apply ``--set`` overrides
+    (``key=value`` text) and validate everything."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -300,5 +374,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top level")
+    for key, value in (values or {}).items():
+        set_dotted(raw, key, value)
     apply_overrides(raw, overrides or [])
     return from_dict(raw)

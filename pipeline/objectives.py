@@ -7,37 +7,49 @@ inside the DDP-wrapped module and are synchronised across ranks like every other
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from pytorch_metric_learning import losses, miners
-from pytorch_metric_learning.utils import distributed as pml_dist
 from torch import nn
 from torch.nn import functional as F
 
 from pipeline.config import LossConfig
 
-LOSS_CLASSES: dict[str, type] = {
-    "multi_similarity": losses.MultiSimilarityLoss,
-    "contrastive": losses.ContrastiveLoss,
-    "triplet": losses.TripletMarginLoss,
-    "margin": losses.MarginLoss,
-    "ntxent": losses.NTXentLoss,
-    "npairs": losses.NPairsLoss,
-    "proxy_nca": losses.ProxyNCALoss,
-    "proxy_anchor": losses.ProxyAnchorLoss,
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A pytorch-metric-learning loss by class name, and the miner that makes it useful (if any)."""
+
+    loss: str
+    miner: str | None = None
+    miner_args: dict[str, Any] = field(default_factory=dict)
+
+
+LOSSES: dict[str, LossSpec] = {
+    "multi_similarity": LossSpec("MultiSimilarityLoss"),
+    "contrastive": LossSpec("ContrastiveLoss"),
+    "triplet": LossSpec("TripletMarginLoss", "TripletMarginMiner", {"type_of_triplets": "semihard"}),
+    "margin": LossSpec("MarginLoss", "DistanceWeightedMiner"),
+    "ntxent": LossSpec("NTXentLoss"),
+    "npairs": LossSpec("NPairsLoss"),
+    "proxy_nca": LossSpec("ProxyNCALoss"),
+    "proxy_anchor": LossSpec("ProxyAnchorLoss"),
 }
+"""``loss.name`` -> loss; the config accepts exactly these names. Classes are resolved when used, so that
+reading a config (the served model does) never imports pytorch-metric-learning."""
 # Arguments gdml fills in itself.
 _AUTOMATIC = ("num_classes", "embedding_size")
-# Losses that need a miner to be useful, and the miner that goes with them.
-MINERS: dict[str, Callable[[], nn.Module]] = {
-    "triplet": lambda: miners.TripletMarginMiner(type_of_triplets="semihard"),
-    "margin": lambda: miners.DistanceWeightedMiner(),
-}
+
+
+def loss_class(name: str) -> type:
+    from pytorch_metric_learning import losses
+
+    return getattr(losses, LOSSES[name].loss)
 
 
 def loss_param_names(name: str) -> list[str]:
-    sig = inspect.signature(LOSS_CLASSES[name].__init__)
+    sig = inspect.signature(loss_class(name).__init__)
     return [p for p in sig.parameters if p not in ("self", "args", "kwargs", *_AUTOMATIC)]
 
 
@@ -55,11 +67,14 @@ class MetricLoss(nn.Module):
 
     def __init__(self, cfg: LossConfig, num_classes: int, embedding_size: int, world_size: int = 1) -> None:
         super().__init__()
-        cls = LOSS_CLASSES[cfg.name]
+        from pytorch_metric_learning import miners
+        from pytorch_metric_learning.utils import distributed as pml_dist
+
+        cls, spec = loss_class(cfg.name), LOSSES[cfg.name]
         accepted = inspect.signature(cls.__init__).parameters
         auto = {"num_classes": num_classes, "embedding_size": embedding_size}
         loss = cls(**{k: v for k, v in auto.items() if k in accepted}, **cfg.params)
-        miner = MINERS[cfg.name]() if cfg.name in MINERS else None
+        miner = getattr(miners, spec.miner)(**spec.miner_args) if spec.miner else None
         self.inner = loss  # the one registered submodule: owns the parameters (proxies), same keys at any world size
         if world_size > 1:
             # efficient=False: the loss sees all ranks' embeddings as one batch (own ones carry gradients).

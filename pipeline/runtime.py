@@ -1,7 +1,14 @@
-"""What the hardware under a training worker allows: precision, memory format, DDP backend.
+"""The one device and precision decision: every stage that runs a model asks here.
 
-Chosen automatically from what is present (``train.amp`` / ``train.channels_last`` may force a choice); the
-selection is a pure function of the capabilities, so it is unit-tested on machines without a GPU.
+- A training worker's device comes from Ray Train (``ray.train.torch.get_device()``: the GPU it was given) when
+  Ray gave it one; local mode, evaluation, packaging, serving and ``gdml query`` take CUDA where present.
+  ``train.device`` (``auto``, ``cpu``, ``cuda``) may force the choice; ``cuda`` without a visible GPU is an error.
+- Precision and memory format follow the device: bf16 autocast on GPUs that support it, else fp16 with loss
+  scaling; channels_last and pinned host memory on GPUs; float32 NCHW on CPU (``train.amp`` and
+  ``train.channels_last`` may force a choice).
+
+Both decisions are pure functions of what is requested and what the hardware offers, so they are unit-tested on
+machines without a GPU; :func:`worker_runtime` and :func:`inference_device` feed them the real hardware.
 """
 
 from __future__ import annotations
@@ -11,51 +18,96 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.config import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+
 
 @dataclass(frozen=True)
 class Capabilities:
     cuda: bool
     bf16: bool = False
+    name: str = ""
 
     @classmethod
     def detect(cls) -> "Capabilities":
-        cuda = torch.cuda.is_available()
-        return cls(cuda=cuda, bf16=cuda and torch.cuda.is_bf16_supported())
+        if not torch.cuda.is_available():
+            return cls(cuda=False)
+        return cls(cuda=True, bf16=torch.cuda.is_bf16_supported(), name=torch.cuda.get_device_name())
+
+
+def decide_device(requested: str, caps: Capabilities, assigned: torch.device | None = None) -> torch.device:
+    """The device to run on. ``assigned``: the device Ray Train gave this worker (None in local mode and outside
+    training)."""
+    if requested not in DEVICES:
+        raise ConfigError(f"train.device: {requested!r}; allowed: {', '.join(DEVICES)}")
+    if requested == "cpu":
+        return torch.device("cpu")
+    if assigned is not None and assigned.type == "cuda":
+        return assigned
+    if caps.cuda:
+        return torch.device("cuda", 0) if assigned is None else torch.device("cuda", assigned.index or 0)
+    if requested == "cuda":
+        raise ConfigError("train.device: cuda was asked for, but no CUDA device is visible here "
+                          "(set train.device=auto or cpu)")
+    return torch.device("cpu")
 
 
 @dataclass(frozen=True)
-class RuntimeChoice:
-    device_type: str
+class Runtime:
+    device: torch.device
     amp_dtype: torch.dtype | None
     """None: full float32."""
     grad_scaler: bool
     """fp16 needs loss scaling; bf16 and float32 do not."""
     channels_last: bool
-    backend: str
     pin_memory: bool
+    device_name: str = ""
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def describe(self) -> str:
+        """One line: device, precision, memory format (as logged to MLflow and printed)."""
+        where = f"{self.device} ({self.device_name})" if self.device_name else str(self.device)
+        precision = {None: "float32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + loss scaling"}
+        return f"{where}, {precision[self.amp_dtype]}" + (", channels_last" if self.channels_last else "")
 
 
-def choose(caps: Capabilities, amp: str = "auto", channels_last: str = "auto") -> RuntimeChoice:
-    """amp: auto | off | bf16 | fp16; channels_last: auto | on | off. On CPU, auto means float32, NCHW."""
-    if amp not in ("auto", "off", "bf16", "fp16"):
-        raise ValueError(f"train.amp: {amp!r}; allowed: auto, off, bf16, fp16")
+def choose(device: torch.device, caps: Capabilities, amp: str = "auto", channels_last: str = "auto") -> Runtime:
+    """Precision and memory format for a device. amp: auto | off | bf16 | fp16; channels_last: auto | on | off.
+    On CPU, auto means float32, NCHW."""
+    gpu = device.type == "cuda"
     if amp == "auto":
-        dtype = (torch.bfloat16 if caps.bf16 else torch.float16) if caps.cuda else None
+        dtype = (torch.bfloat16 if caps.bf16 else torch.float16) if gpu else None
     elif amp == "off":
         dtype = None
     else:
         dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    cl = caps.cuda if channels_last == "auto" else channels_last == "on"
-    return RuntimeChoice(
-        device_type="cuda" if caps.cuda else "cpu",
-        amp_dtype=dtype,
-        grad_scaler=dtype == torch.float16,
-        channels_last=cl,
-        backend="nccl" if caps.cuda else "gloo",
-        pin_memory=caps.cuda,
-    )
+    return Runtime(device=device, amp_dtype=dtype, grad_scaler=dtype == torch.float16,
+                   channels_last=gpu if channels_last == "auto" else channels_last == "on",
+                   pin_memory=gpu, device_name=caps.name if gpu else "")
+
+
+def worker_runtime(device: str, amp: str, channels_last: str, local: bool) -> Runtime:
+    """The runtime of a training worker: Ray Train's device for it (when it runs under Ray Train), else the
+    decision for this process."""
+    caps = Capabilities.detect()
+    assigned = None
+    if not local and caps.cuda:
+        import ray.train.torch
+
+        assigned = ray.train.torch.get_device()
+    return choose(decide_device(device, caps, assigned), caps, amp, channels_last)
+
+
+def inference_device(requested: str = "auto") -> torch.device:
+    """Where evaluation, packaging and serving embed: CUDA where present, unless ``cpu`` is asked for. (A run that
+    trains with ``cuda`` on a cluster is evaluated by a driver that may have no GPU: it then embeds on the CPU.)"""
+    return decide_device("cpu" if requested == "cpu" else "auto", Capabilities.detect())

@@ -48,3 +48,15 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def tiny_cfg(tmp_path: Path, tiny_shards: Path) -> Config:
     return tiny_config(tmp_path, **{"data.root": str(tiny_shards)})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` need a CUDA device: skipped without one (``make gpu-check`` runs them on a GPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (make gpu-check runs these on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -20,11 +20,11 @@ def test_overrides_parse_yaml_values(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochs: 5\n")
     cfg = config_mod.load(path, ["model.adversary.weight=0.3", "model.attention.taps=[layer1,layer3]",
-                                 "model.pretrained=null", "train.use_gpu=false"])
+                                 "model.pretrained=null", "train.device=cpu"])
     assert cfg.train.epochs == 5
     assert cfg.model.adversary.weight == 0.3
     assert cfg.model.attention.taps == ["layer1", "layer3"]
-    assert cfg.train.use_gpu is False
+    assert cfg.train.device == "cpu"
     assert cfg.flat()["model.adversary.weight"] == 0.3
 
 
@@ -75,3 +75,44 @@ def test_gdml_backbones_lists_taps_with_channels_and_stride(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "bninception  (default taps: inception_4d, inception_4e, inception_5a)" in proc.stdout
     assert any(line.split()[:5] == ["inception_4e", "channels", "1056", "stride", "32"] for line in proc.stdout.splitlines())
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    import yaml
+
+    if "search" in yaml.safe_load(path.read_text()):
+        from tuning import sweep
+
+        spec, base = sweep.load_spec(path)
+        assert spec.search.space
+    else:
+        config_mod.load(path)
+
+
+def test_registries_are_the_one_list_of_names():
+    from pipeline.data.sources import SOURCES
+    from pipeline.model.attention import KINDS
+    from pipeline.model.backbone import BACKBONES
+    from pipeline.objectives import LOSSES
+
+    for key, registry in (("data.source", SOURCES), ("model.backbone", BACKBONES), ("loss.name", LOSSES),
+                          ("model.attention.kind", KINDS)):
+        for name in registry:
+            assert config_mod.load(None, [f"{key}={name}"]).flat()[key] == name
+        with pytest.raises(ConfigError, match=f"{key}: Input should be .*{list(registry)[-1]!r}"):
+            config_mod.load(None, [f"{key}=not-one-of-them"])
+
+
+def test_metric_order_keeps_every_key():
+    from pipeline.evaluation.metrics import ordered
+
+    keys = ["nmi", "recall_at_10", "map_at_r", "new_metric", "recall_at_2", "precision_at_1", "r_precision"]
+    assert ordered(keys) == ["recall_at_2", "recall_at_10", "map_at_r", "r_precision", "precision_at_1", "nmi",
+                             "new_metric"]
+
+
+@pytest.mark.parametrize("value", ["[]", "[0, 1]", "[-4]"])
+def test_recall_at_needs_positive_ks(value):
+    with pytest.raises(ConfigError, match="eval.recall_at: expected at least one K"):
+        config_mod.load(None, [f"eval.recall_at={value}"])

@@ -22,7 +22,7 @@ def test_shrunken_demo_prints_both_variants_and_logs_two_runs(tmp_path, tiny_sha
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     header = next(line for line in out.splitlines() if line.startswith("metric"))
-    assert header.split()[1:] == ["baseline", "framework"]
+    assert header.split()[1:] == ["baseline", "+both"]
     rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in out.splitlines()
             if re.match(r"^(recall_at_\d|map_at_r|nmi)\s", line)}
     assert set(rows) == {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "nmi"}
@@ -32,7 +32,7 @@ def test_shrunken_demo_prints_both_variants_and_logs_two_runs(tmp_path, tiny_sha
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("gdml-demo")
     runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.data.tags["variant"] for r in runs) == ["baseline", "framework"]
+    assert sorted(r.data.tags["variant"] for r in runs) == ["+both", "baseline"]
     for run in runs:
         assert run.info.status == "FINISHED"
         assert run.data.tags["mode"] == "ray"

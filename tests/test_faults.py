@@ -7,9 +7,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.launch import latest_checkpoint, train_and_evaluate
-from pipeline.runtime import Capabilities, choose
-from pipeline.train import CHECKPOINT_FILE, NonFiniteLoss, load_checkpoint
+from pipeline.checkpoint import NonFiniteLoss, latest_checkpoint, load_checkpoint
+from pipeline.launch import train_and_evaluate
+from pipeline.runtime import Capabilities, choose, decide_device
 from tests.conftest import TINY
 
 
@@ -106,29 +106,54 @@ def test_unreachable_tracking_server_stops_before_training(tmp_path, tiny_shards
 
 
 @pytest.mark.parametrize(
-    ("caps", "amp", "expected_dtype", "scaler", "channels_last", "backend"),
+    ("caps", "amp", "expected_dtype", "scaler", "channels_last"),
     [
-        (Capabilities(cuda=False), "auto", None, False, False, "gloo"),
-        (Capabilities(cuda=True, bf16=True), "auto", torch.bfloat16, False, True, "nccl"),
-        (Capabilities(cuda=True, bf16=False), "auto", torch.float16, True, True, "nccl"),
-        (Capabilities(cuda=True, bf16=True), "off", None, False, True, "nccl"),
-        (Capabilities(cuda=True, bf16=True), "fp16", torch.float16, True, True, "nccl"),
+        (Capabilities(cuda=False), "auto", None, False, False),
+        (Capabilities(cuda=True, bf16=True), "auto", torch.bfloat16, False, True),
+        (Capabilities(cuda=True, bf16=False), "auto", torch.float16, True, True),
+        (Capabilities(cuda=True, bf16=True), "off", None, False, True),
+        (Capabilities(cuda=True, bf16=True), "fp16", torch.float16, True, True),
     ],
 )
-def test_runtime_choice_follows_the_hardware(caps, amp, expected_dtype, scaler, channels_last, backend):
-    choice = choose(caps, amp)
+def test_runtime_choice_follows_the_hardware(caps, amp, expected_dtype, scaler, channels_last):
+    device = decide_device("auto", caps)
+    assert device.type == ("cuda" if caps.cuda else "cpu")
+    choice = choose(device, caps, amp)
     assert choice.amp_dtype == expected_dtype
     assert choice.grad_scaler is scaler
     assert choice.channels_last is channels_last and choice.pin_memory is caps.cuda
-    assert choice.backend == backend
-    assert choose(caps, amp, channels_last="off").channels_last is False
+    assert choose(device, caps, amp, channels_last="off").channels_last is False
+    cpu = choose(decide_device("cpu", caps), caps, amp)  # train.device=cpu on a GPU machine: float32, no pinning
+    assert cpu.device.type == "cpu" and cpu.pin_memory is False and cpu.amp_dtype == (
+        None if amp in ("auto", "off") else expected_dtype)
+
+
+@pytest.mark.parametrize(
+    ("requested", "caps", "assigned", "expected"),
+    [
+        ("auto", Capabilities(cuda=False), None, "cpu"),
+        ("auto", Capabilities(cuda=True), None, "cuda:0"),  # local mode on a GPU machine
+        ("auto", Capabilities(cuda=True), torch.device("cuda", 1), "cuda:1"),  # Ray Train gave this worker GPU 1
+        ("cpu", Capabilities(cuda=True), torch.device("cuda", 1), "cpu"),  # forced
+        ("cuda", Capabilities(cuda=True), None, "cuda:0"),
+    ],
+)
+def test_one_device_decision(requested, caps, assigned, expected):
+    assert str(decide_device(requested, caps, assigned)) == expected
+
+
+def test_cuda_without_a_gpu_is_a_config_error():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.device: cuda was asked for, but no CUDA device is visible"):
+        decide_device("cuda", Capabilities(cuda=False))
 
 
 def test_cpu_bf16_autocast_runs_a_training_step_when_forced():
-    from tests.model.test_embedder import model_cfg
     from pipeline.model.embedder import Embedder
+    from tests.model.test_embedder import model_cfg
 
-    choice = choose(Capabilities(cuda=False), "bf16")
+    choice = choose(torch.device("cpu"), Capabilities(cuda=False), "bf16")
     model = Embedder(model_cfg(), 3, image_size=32)
     with choice.autocast():
         emb, logits = model(torch.randn(4, 3, 32, 32), 0.1)

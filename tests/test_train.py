@@ -9,8 +9,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline.checkpoint import CHECKPOINT_FILE, load_model
 from pipeline.launch import train_and_evaluate
-from pipeline.train import CHECKPOINT_FILE, load_model
 
 METRICS = {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "r_precision", "precision_at_1",
            "nmi"}
@@ -25,6 +25,9 @@ def _check_mlflow(result, epochs):
     history = client.get_metric_history(result.run_id, "loss_dml")
     assert [m.step for m in history] == list(range(1, epochs + 1))
     assert run.data.params["model.adversary.weight"] == "0.1"
+    # the one device decision, logged by the worker and by the evaluation (a CPU machine: the CPU)
+    assert run.data.params["runtime.device"] == "cpu" and run.data.params["runtime.eval_device"] == "cpu"
+    assert run.data.params["runtime.describe"] == "cpu, float32"
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"checkpoint", "config.yaml"} <= artifacts
     assert CHECKPOINT_FILE in {a.path.split("/")[-1] for a in client.list_artifacts(result.run_id, "checkpoint")}
@@ -88,6 +91,9 @@ def test_two_ray_workers_train_disjoint_data_and_log_to_mlflow(tiny_cfg, tmp_pat
     finally:
         ray.shutdown()
     _check_mlflow(result, epochs=2)
+    for rank in (0, 1):
+        devices = json.loads((trace / f"rank{rank}-devices.json").read_text())
+        assert devices == {"decided": "cpu", "batches": ["cpu"], "parameters": ["cpu"], "validation": None}
     for epoch in (1, 2):
         per_rank = [json.loads((trace / f"rank{r}-epoch{epoch}.json").read_text()) for r in (0, 1)]
         assert len(per_rank[0]) == len(per_rank[1]) == 24 // (2 * 4)  # same steps on both ranks

@@ -18,15 +18,13 @@ import numpy as np
 
 from pipeline import tracking
 from pipeline.config import Config
+from pipeline.variants import VARIANTS, slug, with_variant
 
-VARIANTS = {"baseline": (False, False), "+attention": (True, False), "+adversary": (False, True), "+both": (True, True)}
 REPORTED = ("recall_at_1", "map_at_r", "nmi")
 
 
 def variant_config(cfg: Config, variant: str, loss: str, seed: int) -> Config:
-    from pipeline.launch import with_parts
-
-    cfg = with_parts(cfg, *VARIANTS[variant])
+    cfg = with_variant(cfg, variant)
     return cfg.model_copy(update={
         "loss": cfg.loss.model_copy(update={"name": loss, "params": cfg.loss.params if loss == cfg.loss.name else {}}),
         "train": cfg.train.model_copy(update={"seed": seed}),
@@ -42,7 +40,7 @@ def _run_one(params: dict[str, Any]) -> None:
 
     ctx = params["__gdml"]
     cfg = variant_config(Config.model_validate(ctx["base"]), params["variant"], params["loss"], params["seed"])
-    name = f"{ctx['name']}-{params['variant'].strip('+')}-{params['loss']}-s{params['seed']}"
+    name = f"{ctx['name']}-{slug(params['variant'])}-{params['loss']}-s{params['seed']}"
     train_and_evaluate(cfg, local=False, name=name, progress=False, plots=False,
                        tags={"mlflow.parentRunId": ctx["parent"], "gdml.ablation": ctx["name"], "mode": "ablation",
                              "ablation.variant": params["variant"], "ablation.loss": params["loss"],
@@ -51,12 +49,7 @@ def _run_one(params: dict[str, Any]) -> None:
 
 def collect(uri: str, experiment: str, name: str) -> list[dict[str, Any]]:
     """Each finished run of an ablation, from MLflow: variant, loss, seed and its test metrics."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`gdml.ablation` = '{name}'",
-                              max_results=10_000)
+    runs = tracking.find_runs(uri, experiment, f"tags.`gdml.ablation` = '{name}'")
     return [{"variant": r.data.tags["ablation.variant"], "loss": r.data.tags["ablation.loss"],
              "seed": int(r.data.tags["ablation.seed"]),
              **{k: r.data.metrics[f"test/{k}"] for k in REPORTED}, "train_seconds": r.data.metrics["train_seconds"]}
@@ -78,7 +71,7 @@ def summarise(rows: list[dict[str, Any]], losses: list[str], variants: list[str]
 
 
 def plot(rows: list[dict[str, Any]], losses: list[str], variants: list[str] | None = None):
-    from pipeline.plots import plt
+    from pipeline.evaluation.plots import plt
 
     variants = variants or list(VARIANTS)
     fig, axes = plt.subplots(1, len(losses), figsize=(4 * len(losses), 3.4), dpi=110, squeeze=False)
@@ -134,7 +127,7 @@ def run(cfg: Config, losses: list[str], seeds: list[int], progress: bool = True,
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency(cfg, None)),
         run_config=tune.RunConfig(name=name, storage_path=cfg.train.storage_path, verbose=1 if progress else 0),
     )
-    try:
+    with parent:
         results = tuner.fit()
         errors = [r.error for r in results if r.error]
         if errors:
@@ -144,16 +137,8 @@ def run(cfg: Config, losses: list[str], seeds: list[int], progress: bool = True,
         seconds = time.perf_counter() - started
         parent.log_dict({"runs": rows}, "ablation_runs.yaml")
         parent.log_metrics({"ablation_seconds": seconds})
-        if parent.enabled:
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient(uri).log_text(parent.run_id, table, "ablation.md")
-            fig = plot(rows, losses, variants)
-            parent.log_figure(fig, "ablation_recall_at_1.png")
-    except BaseException:
-        parent.end("FAILED")
-        raise
-    parent.end()
+        parent.log_text(table, "ablation.md")
+        parent.log_figure(plot(rows, losses, variants), "ablation_recall_at_1.png")
     return {"name": name, "table": table, "rows": rows, "seconds": seconds, "parent_run_id": parent.run_id,
             "manifest_test_classes": manifest["splits"]["test"]["classes"]}
 

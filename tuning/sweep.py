@@ -72,11 +72,6 @@ class SweepSpec(BaseModel):
     """Retrain the best configuration on all training classes and test it once."""
 
 
-def _yaml_text(value: Any) -> str:
-    """A value as the YAML text that ``--set`` parses back to it (null stays null, lists stay lists)."""
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...")
-
-
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepSpec, Config]:
     """The sweep and its base config, every dotted name in the space checked against the config."""
     p = Path(path)
@@ -88,8 +83,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> tuple[Swe
     except ValidationError as err:
         first = err.errors()[0]
         raise ConfigError(f"{p}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    sets = [f"{k}={_yaml_text(v)}" for k, v in spec.set.items()]
-    base = config_mod.load((p.parent / spec.base).resolve(), [*sets, *(overrides or [])])
+    base = config_mod.load((p.parent / spec.base).resolve(), overrides, values=spec.set)
     if base.train.val_fraction <= 0:
         raise ConfigError("train.val_fraction: a sweep chooses on held-out training classes; set it above 0 "
                           "(e.g. 0.2) in the sweep's 'set'")
@@ -129,14 +123,7 @@ def tune_space(spec: SweepSpec) -> dict[str, Any]:
 
 def trial_config(base: Config, params: dict[str, Any]) -> Config:
     """The base config with a trial's values set by dotted name."""
-    raw = base.to_dict()
-    for key, value in params.items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return config_mod.from_dict(raw)
+    return config_mod.with_values(base, params)
 
 
 def _trial(params: dict[str, Any]) -> None:
@@ -144,21 +131,17 @@ def _trial(params: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.launch import fit, variant_of
+    from pipeline.launch import fit
+    from pipeline.variants import variant_of
 
     ctx = params.pop("__gdml")
     cfg = trial_config(Config.model_validate(ctx["base"]), params)
     name = f"{ctx['sweep']}-{tune.get_context().get_trial_id()}"
-    tracker = tracking.Tracker.open(ctx["uri"], cfg.tracking.experiment, name,
-                                    tags={"mlflow.parentRunId": ctx["parent"], "variant": variant_of(cfg),
-                                          "gdml.sweep": ctx["sweep"], "mode": "tune-trial"})
-    tracker.log_params({**cfg.flat(), **{f"trial.{k}": v for k, v in params.items()}})
-    try:
+    with tracking.Tracker.open(ctx["uri"], cfg.tracking.experiment, name,
+                               tags={"mlflow.parentRunId": ctx["parent"], "variant": variant_of(cfg),
+                                     "gdml.sweep": ctx["sweep"], "mode": "tune-trial"}) as tracker:
+        tracker.log_params({**cfg.flat(), **{f"trial.{k}": v for k, v in params.items()}})
         fit(cfg, tracker, name, local=False, progress=False, callbacks=[TuneReportCallback()])
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end()
 
 
 def concurrency(cfg: Config, requested: int | None) -> int:
@@ -168,7 +151,7 @@ def concurrency(cfg: Config, requested: int | None) -> int:
     if requested:
         return requested
     res = ray.cluster_resources()
-    if cfg.train.use_gpu or (cfg.train.use_gpu is None and res.get("GPU", 0) > 0):
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and res.get("GPU", 0) > 0):
         per_trial, have = cfg.train.workers, res.get("GPU", 0)
     else:
         per_trial, have = cfg.train.workers * cfg.train.cpus_per_worker, res.get("CPU", 1)
@@ -183,8 +166,8 @@ def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from pipeline.launch import init_ray, resolve_paths, train_and_evaluate, open_tracking
     from pipeline.data import shards
+    from pipeline.launch import init_ray, open_tracking, resolve_paths, train_and_evaluate
 
     base = resolve_paths(base)
     uri = open_tracking(base)
@@ -215,7 +198,7 @@ def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
                                     search_alg=search_alg, max_concurrent_trials=concurrency(base, s.max_concurrent)),
         run_config=tune.RunConfig(name=sweep_name, storage_path=base.train.storage_path, verbose=1 if progress else 0),
     )
-    try:
+    with parent:
         results = tuner.fit()
         best = results.get_best_result(metric=s.metric, mode=s.mode)
         best_params = {k: v for k, v in best.config.items() if k != "__gdml"}
@@ -238,10 +221,6 @@ def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
             summary["test"] = final.metrics
             summary["final_run_id"] = final.run_id
             parent.log_metrics({f"final_test/{k}": v for k, v in final.metrics.items()})
-    except BaseException:
-        parent.end("FAILED")
-        raise
-    parent.end()
     return summary
 
 
@@ -249,18 +228,15 @@ def _close_children(uri: str | None, experiment: str, sweep: str, best_trial: st
     """Tag the best trial's run; close runs that ASHA stopped (their trial was ended mid-training)."""
     if uri is None:
         return
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    for run in client.search_runs([exp.experiment_id], filter_string=f"tags.`gdml.sweep` = '{sweep}'"):
+    for run in tracking.find_runs(uri, experiment, f"tags.`gdml.sweep` = '{sweep}'"):
         if run.data.tags.get("mode") != "tune-trial":
             continue
+        child = tracking.Tracker(uri, run.info.run_id)
         if best_trial and run.data.tags.get("gdml.run_name", "").endswith(best_trial):
-            client.set_tag(run.info.run_id, "best", "true")
+            child.set_tags({"best": "true"})
         if run.info.status == "RUNNING":
-            client.set_tag(run.info.run_id, "stopped_by", "asha")
-            client.set_terminated(run.info.run_id, status="KILLED")
+            child.set_tags({"stopped_by": "asha"})
+            child.end("KILLED")
 
 
 def format_summary(summary: dict[str, Any], metric: str) -> str:
@@ -272,11 +248,16 @@ def format_summary(summary: dict[str, Any], metric: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sweep.py", description="gdml hyper-parameter sweep with Ray Tune")
-    parser.add_argument("--config", required=True, type=Path, help="sweep YAML (see configs/sweep_demo.yaml)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a sweep, shared by ``gdml tune`` and ``python tuning/sweep.py``."""
+    parser.add_argument("--config", required=True, type=Path, help="sweep YAML, e.g. configs/sweep_demo.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a base config value for every trial")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sweep.py", description="gdml hyper-parameter sweep with Ray Tune")
+    add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -12,7 +12,7 @@ import importlib.util
 import io
 import logging
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -293,17 +293,40 @@ def folder_classes(root: Path, train_classes: int | list[str] | None) -> list[Cl
     return out
 
 
-SOURCES = ("emoji", "cub", "cars196", "sop", "inshop", "folder")
+def _emoji(path: str | None, image_size: int, styles: list[str] | None, max_classes: int | None,
+           train_classes: int | list[str] | None) -> list[ClassItems]:
+    return emoji_classes(image_size, list(styles or ["twemoji", "openmoji", "noto"]), max_classes)
+
+
+def _reader(read: Callable[[Path], list[ClassItems]]) -> Callable[..., list[ClassItems]]:
+    def classes(path: str | None, image_size: int, styles: list[str] | None, max_classes: int | None,
+                train_classes: int | list[str] | None) -> list[ClassItems]:
+        return read(Path(path))
+
+    return classes
+
+
+def _folder(path: str | None, image_size: int, styles: list[str] | None, max_classes: int | None,
+            train_classes: int | list[str] | None) -> list[ClassItems]:
+    return folder_classes(Path(path), train_classes)
+
+
+SOURCES: dict[str, Callable[..., list[ClassItems]]] = {
+    "emoji": _emoji,
+    "cub": _reader(cub_classes),
+    "cars196": _reader(cars196_classes),
+    "sop": _reader(sop_classes),
+    "inshop": _reader(inshop_classes),
+    "folder": _folder,
+}
+"""``data.source`` -> its classes; the config accepts exactly these names. Every source but emoji reads the
+dataset folder ``data.path``."""
 
 
 def iter_source(name: str, path: str | None = None, image_size: int = 64, styles: list[str] | None = None,
                 max_classes: int | None = None, train_classes: int | list[str] | None = None) -> list[ClassItems]:
     """The classes of a source, in the order that defines splits and class ids."""
-    if name == "emoji":
-        return emoji_classes(image_size, list(styles or ["twemoji", "openmoji", "noto"]), max_classes)
-    if path is None:
+    if name != "emoji" and path is None:
         raise ValueError(f"data.path: the {name} source reads a dataset folder; set data.path")
-    root = Path(path)
-    readers = {"cub": cub_classes, "cars196": cars196_classes, "sop": sop_classes, "inshop": inshop_classes}
-    classes = folder_classes(root, train_classes) if name == "folder" else readers[name](root)
-    return spread(classes, max_classes)
+    classes = SOURCES[name](path, image_size, styles, max_classes, train_classes)
+    return classes if name == "emoji" else spread(classes, max_classes)

@@ -12,60 +12,20 @@ that comes up short re-uses groups it has already seen rather than take fewer st
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2 as T
 
-from pipeline.config import AugmentConfig, SamplerConfig
+from pipeline.config import SamplerConfig
+from pipeline.data.samples import decode, raw_samples, shard_url
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def eval_transform(image_size: int) -> T.Compose:
-    """Shorter side to ``image_size``, centre crop (the identity for square images of that size)."""
-    return T.Compose([T.ToImage(), T.Resize(image_size, antialias=True), T.CenterCrop(image_size),
-                      T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def train_transform(aug: AugmentConfig, image_size: int) -> T.Compose:
-    steps: list[Any] = [T.ToImage(), T.RandomResizedCrop(image_size, scale=tuple(aug.crop_scale), antialias=True)]
-    if aug.flip:
-        steps.append(T.RandomHorizontalFlip())
-    if aug.color_jitter > 0:
-        j = aug.color_jitter
-        steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j))
-    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return T.Compose(steps)
-
-
-def shard_url(root: str, file: str) -> str:
-    """A shard's location, as WebDataset opens it.
-
-    Local paths; ``http(s)://`` and ``gs://`` URLs (curl, gsutil); ``s3://`` (through the AWS CLI:
-    ``pipe:aws s3 cp URL -``); or any ``pipe:`` command with ``{file}`` where the file name goes.
-    """
-    if root.startswith("pipe:"):
-        if "{file}" not in root:
-            raise ValueError(f"data.root: a pipe: command needs {{file}} where the shard name goes, got {root!r}")
-        return root.replace("{file}", file)
-    if root.startswith("s3://"):
-        return f"pipe:aws s3 cp {root.rstrip('/')}/{file} -"
-    return f"{root.rstrip('/')}/{file}" if "://" in root else str(Path(root) / file)
-
 
 @dataclass(frozen=True)
 class Slot:
@@ -138,18 +98,6 @@ def plan_epoch(shards: list[dict], slot: Slot, classes_per_batch: int, seed: int
     return files, draws, n_batches
 
 
-IMAGE_FIELDS = ("jpg", "png", "jpeg", "webp")
-
-
-def _decode(sample: dict) -> tuple[Image.Image, int]:
-    data = next((sample[k] for k in IMAGE_FIELDS if k in sample), None)
-    if data is None:
-        raise ValueError(f"sample {sample.get('__key__')} has no image")
-    with Image.open(io.BytesIO(data)) as im:
-        img = im.convert("RGB")
-    return img, int(sample["cls"])
-
-
 @dataclass
 class StreamStats:
     skipped: int = 0
@@ -207,12 +155,10 @@ class BalancedStream(IterableDataset):
             log.warning("skipped a bad sample or shard: %s", exn)
             return True
 
-        data = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                              handler=skip, empty_check=False)
         current, images = None, []
-        for sample in data:
+        for sample in raw_samples(urls, skip):
             try:
-                img, cls = _decode(sample)
+                img, cls = decode(sample)
             except Exception as exn:  # noqa: BLE001 - one corrupt image must not stop training
                 skip(exn)
                 continue
@@ -270,47 +216,6 @@ class BalancedStream(IterableDataset):
             emitted += 1
 
 
-def train_loader(stream: BalancedStream) -> DataLoader:
+def train_loader(stream: BalancedStream, pin_memory: bool = False) -> DataLoader:
     workers = stream.sampler.loader_workers
-    return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False,
-                      pin_memory=torch.cuda.is_available())
-
-
-class SplitImages(IterableDataset):
-    """Every image of a split once, in manifest order, for embedding (no augmentation)."""
-
-    def __init__(self, manifest: dict, root: str, split: str, raw: bool = False, image_size: int = 64,
-                 classes: set[int] | None = None) -> None:
-        super().__init__()
-        shards = manifest["splits"][split]["shards"]
-        if classes is not None:  # only the shards that hold these classes
-            shards = [s for s in shards if any(g[0] in classes for g in s["groups"])]
-        self.urls = [shard_url(root, s["file"]) for s in shards]
-        self.classes = classes
-        self.transform = (lambda img: img) if raw else eval_transform(image_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor | Image.Image, int, str]]:
-        data = wds.WebDataset(self.urls, shardshuffle=False, nodesplitter=None, workersplitter=None,
-                              handler=wds.warn_and_continue, empty_check=False)
-        for sample in data:
-            try:
-                img, cls = _decode(sample)
-            except Exception as exn:  # noqa: BLE001
-                log.warning("skipped %s: %s", sample.get("__key__"), exn)
-                continue
-            if self.classes is not None and cls not in self.classes:
-                continue
-            meta = json.loads(sample["json"]) if "json" in sample else {}
-            yield self.transform(img), cls, f"{meta.get('class', cls)}/{meta.get('image', sample['__key__'])}"
-
-
-def load_images(manifest: dict, root: str, split: str, indices: set[int],
-                classes: set[int] | None = None) -> dict[int, Image.Image]:
-    """The decoded images at the given positions of a split's embedding order (for plots)."""
-    out = {}
-    for i, (img, _, _) in enumerate(SplitImages(manifest, root, split, raw=True, classes=classes)):
-        if i in indices:
-            out[i] = img
-            if len(out) == len(indices):
-                break
-    return out
+    return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=False, pin_memory=pin_memory)

@@ -17,6 +17,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+KINDS = {
+    "additive": "Learn-to-Pay-Attention style spatial attention, queried by the last block",
+    "cbam": "channel then spatial attention (CBAM)",
+    "avg": "plain global average pooling of each projected tap (the ablation)",
+}
+"""``model.attention.kind`` -> what it is; the config accepts exactly these names."""
+
 
 class AdditiveScore(nn.Module):
     """Softmax weights over positions from tanh(local + query)."""

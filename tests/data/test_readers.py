@@ -113,7 +113,7 @@ def test_sop_uses_its_train_and_test_lists(tmp_path):
 
 
 def test_inshop_has_train_query_and_gallery(tmp_path):
-    from pipeline.evaluate import protocol_splits
+    from pipeline.evaluation.run import protocol_splits
 
     make_inshop(tmp_path / "raw")
     manifest = shards.build(_cfg(tmp_path, "inshop").data)

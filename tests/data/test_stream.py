@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline.data import shards
-from pipeline.data.stream import BalancedStream, Slot, plan_epoch, train_transform
+from pipeline.data.stream import BalancedStream, Slot, plan_epoch
+from pipeline.data.transforms import train_transform
 from tests.conftest import tiny_config
 
 

@@ -25,6 +25,6 @@ def test_rayjob_manifest_has_the_required_fields_and_a_valid_entrypoint():
     overrides = [parser_args[i + 1] for i, a in enumerate(parser_args) if a == "--set"]
     assert (ROOT / config).is_file()
     spec_, base = sweep.load_spec(ROOT / config, overrides)
-    assert base.train.use_gpu is True and base.train.storage_path.startswith("s3://")
+    assert base.train.device == "cuda" and base.train.storage_path.startswith("s3://")
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http")

@@ -14,8 +14,9 @@ import pytest
 import requests
 from PIL import Image
 
-from deploy.package import build_index, package, query
+from deploy.package import package, query
 from pipeline.data import shards
+from pipeline.evaluation.index import serving_index
 from pipeline.launch import train_and_evaluate
 
 
@@ -62,8 +63,8 @@ def test_ivf_above_the_threshold_keeps_recall():
     centers = rng.normal(size=(60, 16))
     x = (centers[rng.integers(0, 60, 3000)] + 0.3 * rng.normal(size=(3000, 16))).astype(np.float32)  # clustered
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    exact, kind = build_index(x, ivf_threshold=10_000)
-    ivf, kind_ivf = build_index(x, ivf_threshold=1000, nprobe=16)
+    exact, kind = serving_index(x, ivf_threshold=10_000)
+    ivf, kind_ivf = serving_index(x, ivf_threshold=1000, nprobe=16)
     assert (kind, kind_ivf) == ("flat", "ivf")
     _, a = exact.search(x[:200], 10)
     _, b = ivf.search(x[:200], 10)
@@ -139,3 +140,16 @@ def test_served_model_answers_good_input_and_rejects_bad_input_clearly(packaged,
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_served_requirements_name_the_installed_faiss_build(monkeypatch):
+    from deploy import package as package_mod
+    from pipeline.evaluation import index
+
+    monkeypatch.setattr(index, "faiss_distribution", lambda: ("faiss-gpu", "1.15.1"))  # the gpu extra
+    reqs = package_mod.requirements()
+    assert "faiss-gpu==1.15.1" in reqs and not any(r.startswith("faiss-cpu") for r in reqs)
+    assert any(r.startswith("torch") for r in reqs)
+    monkeypatch.setattr(index, "faiss_distribution", lambda: None)
+    with pytest.raises(RuntimeError, match="packaging a model needs FAISS"):
+        package_mod.requirements()

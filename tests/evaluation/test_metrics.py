@@ -2,8 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluate import map_at_r, nmi, relevant_counts, retrieval_metrics, select_engine, spherical_kmeans
-from pipeline.ranks import metrics_from_ranks, relevant_ranks
+from pipeline.evaluation.metrics import (
+    map_at_r,
+    nmi,
+    relevant_counts,
+    retrieval_metrics,
+    select_engine,
+    spherical_kmeans,
+)
+from pipeline.evaluation.ranks import metrics_from_ranks, relevant_ranks
 
 ENGINES = ["ranks", "knn"]
 
@@ -98,7 +105,7 @@ def test_scores_closer_than_float32_are_ranked_in_exact_arithmetic():
 
 def test_engine_selection():
     assert select_engine("ranks") == "ranks" and select_engine("knn") == "knn"
-    assert select_engine() == ("knn" if torch.cuda.is_available() else "ranks")
+    assert select_engine() == "ranks"  # exact on every device: numba on the CPU, torch on a GPU
     with pytest.raises(ValueError, match="metrics engine 'faiss'"):
         select_engine("faiss")
 
@@ -183,7 +190,7 @@ def test_spherical_kmeans_refills_emptied_clusters_and_matches_faiss_quality():
 def test_the_rank_pass_finds_the_same_first_kmeans_assignment_as_a_search():
     import faiss
 
-    from pipeline.evaluate import kmeans_seeds
+    from pipeline.evaluation.metrics import kmeans_seeds
 
     emb, labels = random_embeddings(n=700, d=16, classes=90, seed=7)
     seeds = kmeans_seeds(len(emb), 90, seed=3)
@@ -211,3 +218,65 @@ def test_ranks_beyond_their_cap_are_dropped_without_changing_a_metric(gallery):
     assert (~keep).sum() > 100  # the cap did drop items
     ks = (1, 5, 20)
     assert metrics_from_ranks(capped, r, ks) == metrics_from_ranks(exact, r, ks)
+
+
+def _tie_cases():
+    """Embeddings whose scores tie exactly (duplicates, also across classes) or nearly (unnormalised copies)."""
+    emb, labels = random_embeddings(n=700, d=16, classes=90, seed=5)
+    emb[::7] = emb[1::7][: len(emb[::7])]
+    emb[::11] *= 3.0
+    g, gl = random_embeddings(n=500, d=16, classes=90, seed=6)
+    g[::5] = emb[: len(g[::5])]  # gallery items identical to queries
+    eye = np.repeat(np.eye(4, dtype=np.float32), 3, axis=0)
+    eye_labels = np.repeat(np.arange(4), 3)
+    eye_labels[[0, 3]] = eye_labels[[3, 0]]
+    return [(emb, labels, None, None), (emb, labels, g, gl), (eye, eye_labels, None, None)]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_torch_rank_engine_equals_the_cpu_engine_on_ties(case):
+    """The GPU engine's code, run on the CPU here (and on CUDA by the gpu tests): the same ranks, bit for bit."""
+    from pipeline.evaluation.ranks_torch import relevant_ranks_torch
+
+    emb, labels, g, gl = _tie_cases()[case]
+    cpu, r = relevant_ranks(emb, labels, g, gl, block=64)
+    torch_ranks, r_torch = relevant_ranks_torch(emb, labels, g, gl, device="cpu", block_rows=64, block_cols=96)
+    valid = np.arange(cpu.shape[1])[None, :] < r[:, None]
+    assert np.array_equal(r, r_torch) and np.array_equal(cpu[valid], torch_ranks[valid])
+    ks = (1, 2, 5, 50)
+    assert metrics_from_ranks(cpu, r, ks) == metrics_from_ranks(torch_ranks, r_torch, ks)
+
+
+def test_torch_rank_engine_resolves_a_pair_float32_cannot_separate():
+    from pipeline.evaluation.ranks_torch import relevant_ranks_torch
+
+    rng = np.random.default_rng(0)
+    q, p = rng.normal(size=64).astype(np.float32), rng.normal(size=64).astype(np.float32)
+    n = p.copy()
+    i = int(np.argmax(q))
+    n[i] = np.nextafter(p[i], np.float32(np.inf))
+    emb = np.stack([q, p, n, -q]).astype(np.float32)
+    ranks, _ = relevant_ranks_torch(emb, np.array([0, 0, 1, 2]), device="cpu")
+    assert ranks[0, 0] == 2
+
+
+class _RecordsItsInputDevice(torch.nn.Module):
+    """A stand-in model whose parameters live on the 'meta' device: it records where its inputs are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(2, device="meta"))
+        self.seen: set[str] = set()
+
+    def forward(self, x: torch.Tensor):
+        self.seen.add(str(x.device))
+        return torch.nn.functional.normalize(torch.ones(len(x), 4), dim=1), None
+
+
+def test_evaluation_embeds_on_the_models_own_device(tiny_shards):
+    from pipeline.data.shards import load_manifest
+    from pipeline.evaluation.embed import embed_split
+
+    model = _RecordsItsInputDevice()
+    emb, labels, _ = embed_split(model, load_manifest(tiny_shards), str(tiny_shards), "test", 16, 32, progress=False)
+    assert model.seen == {"meta"} and emb.shape == (len(labels), 4)

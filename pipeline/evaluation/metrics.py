@@ -2,27 +2,23 @@
 
 Protocols: every test image queries all *other* test images (CUB, Cars196, SOP, the emoji set), or
 queries query a separate gallery (In-Shop). Search is exact, by one of two engines that give the same
-numbers: ``ranks`` (CPU: the exact rank of every relevant item in one fused pass, ``pipeline.ranks``) or
-``knn`` (k-nearest-neighbour lists from FAISS, on the GPU where there is one, ``pipeline.knn``). Metrics are computed once,
-in one process, and returned as one flat dict with stable keys (``recall_at_1``, ``map_at_r``,
-``r_precision``, ``precision_at_1``, ``nmi``; MLflow allows no '@' in names) that the CLI, MLflow, Tune and
-the tests share.
+numbers: ``ranks`` (the exact rank of every relevant item in one fused pass, ``evaluation.ranks``) or
+``knn`` (k-nearest-neighbour lists from FAISS, ``evaluation.knn``). Metrics are computed once, in one process,
+and returned as one flat dict with stable keys (``recall_at_1``, ``map_at_r``, ``r_precision``,
+``precision_at_1``, ``nmi``; MLflow allows no '@' in names) that the CLI, MLflow, Tune and the tests share;
+``ordered`` is the one order they are shown in.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from sklearn.metrics import normalized_mutual_info_score
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from pipeline.data.stream import SplitImages
-from pipeline.knn import knn, neighbours_of
+from pipeline.evaluation.knn import knn
 
 log = logging.getLogger(__name__)
 
@@ -70,25 +66,25 @@ def kmeans_seeds(n: int, k: int, seed: int = 0) -> np.ndarray:
 
 
 def spherical_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0,
-                     first: np.ndarray | None = None) -> np.ndarray:
+                     first: np.ndarray | None = None, device: str | torch.device = "cpu") -> np.ndarray:
     """Cluster of each row: Lloyd's k-means with centroids renormalised (the natural choice for L2-normalised
     embeddings), started from k distinct random rows, stopped after ``niter`` updates or when no row moves.
 
-    The nearest-centroid search is FAISS's (exact inner product). ``faiss.Kmeans`` runs the same iterations
+    The nearest-centroid search is exact inner product on ``device`` (``evaluation.index``: FAISS, or torch where
+    FAISS cannot run there). ``faiss.Kmeans`` runs the same iterations
     but keeps no assignment, so it costs one more full search at the end (15% of SOP's evaluation time).
     An emptied cluster takes over half of the largest one, as in FAISS. ``first``: the first assignment (each
     row's nearest seed), when it is already known (``pipeline.ranks`` finds it in its pass).
     """
-    import faiss
     from scipy import sparse
+
+    from pipeline.evaluation.index import flat_index
 
     n = len(x)
     centroids = x[kmeans_seeds(n, k, seed)].copy()
 
     def assign() -> np.ndarray:
-        index = faiss.IndexFlatIP(x.shape[1])
-        index.add(centroids)
-        return index.search(x, 1)[1][:, 0]
+        return flat_index(centroids, device).search(x, 1)[1][:, 0]
 
     labels = assign() if first is None else np.asarray(first, dtype=np.int64).copy()
     for _ in range(niter):
@@ -112,12 +108,12 @@ def spherical_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0,
 
 
 def nmi(embeddings: np.ndarray, labels: np.ndarray, seed: int = 0, niter: int = 20,
-        first: np.ndarray | None = None) -> float:
+        first: np.ndarray | None = None, device: str | torch.device = "cpu") -> float:
     """NMI of k-means clusters (k = number of classes, at most 20 iterations as pytorch-metric-learning runs
     FAISS's) vs the labels; spherical k-means (``spherical_kmeans``)."""
     k = len(np.unique(labels))
     x = np.ascontiguousarray(embeddings, dtype=np.float32)
-    return float(normalized_mutual_info_score(labels, spherical_kmeans(x, k, niter, seed, first)))
+    return float(normalized_mutual_info_score(labels, spherical_kmeans(x, k, niter, seed, first, device)))
 
 
 def neighbours_needed(query_labels: np.ndarray, ref_labels: np.ndarray | None, recall_at: Iterable[int]) -> int:
@@ -126,34 +122,42 @@ def neighbours_needed(query_labels: np.ndarray, ref_labels: np.ndarray | None, r
     return max(max(recall_at), int(r.max()))
 
 
+ENGINES = ("auto", "ranks", "knn")
+"""How the metrics search (``eval.engine``); ``auto`` picks one (``select_engine``)."""
+
+
 def select_engine(requested: str = "auto") -> str:
-    """``ranks`` on CPU; ``knn`` (FAISS or torch on the GPU) where a CUDA device is present."""
+    """``ranks`` unless ``knn`` is asked for: exact on every device (numba on CPU, torch on a GPU)."""
     if requested not in ENGINES:
         raise ValueError(f"metrics engine {requested!r}: expected one of {', '.join(ENGINES)}")
-    if requested != "auto":
-        return requested
-    return "knn" if torch.cuda.is_available() else "ranks"
-
-
-ENGINES = ("auto", "ranks", "knn")
+    return "ranks" if requested == "auto" else requested
 
 
 def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, recall_at: Iterable[int] = (1, 2, 4, 8),
                       seed: int = 0, gallery: np.ndarray | None = None, gallery_labels: np.ndarray | None = None,
-                      engine: str = "auto", knn_backend: str = "auto", progress: bool = False) -> dict[str, float]:
-    """The full metric set, as one flat dict.
+                      engine: str = "auto", knn_backend: str = "auto", progress: bool = False,
+                      device: str | torch.device = "cpu") -> dict[str, float]:
+    """The full metric set, as one flat dict, computed on ``device``.
 
     Without a gallery every row queries all *other* rows (the standard protocol); with one (In-Shop), every
-    row queries the gallery. NMI clusters the query embeddings. Both engines give the same numbers
-    (``select_engine``).
+    row queries the gallery. NMI clusters the query embeddings. Both engines, on every device, give the same
+    numbers (``select_engine``).
     """
     ks = sorted(set(recall_at))
     labels = np.asarray(labels)
     self_search = gallery is None
     ref_labels = labels if self_search else np.asarray(gallery_labels)
-    first = None  # k-means' first assignment, where the rank pass finds it
-    if select_engine(engine) == "ranks":
-        from pipeline.ranks import metrics_from_ranks, relevant_ranks
+    gpu = torch.device(device).type != "cpu"
+    first = None  # k-means' first assignment, where the CPU rank pass finds it
+    if select_engine(engine) == "ranks" and gpu:
+        from pipeline.evaluation.ranks import metrics_from_ranks
+        from pipeline.evaluation.ranks_torch import relevant_ranks_torch
+
+        ranks, r = relevant_ranks_torch(embeddings, labels, gallery, ref_labels if gallery is not None else None,
+                                        device=device, progress=progress)
+        out = metrics_from_ranks(ranks, r, ks)
+    elif select_engine(engine) == "ranks":
+        from pipeline.evaluation.ranks import metrics_from_ranks, relevant_ranks
 
         if self_search:  # the pass also finds k-means' first assignment (nearest seed row)
             ranks, r, first = relevant_ranks(embeddings, labels, progress=progress, max_rank=ks[-1],
@@ -163,81 +167,24 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, recall_at: Ite
         out = metrics_from_ranks(ranks, r, ks)
     else:
         neighbors = knn(embeddings, neighbours_needed(labels, None if self_search else ref_labels, ks), gallery,
-                        backend=knn_backend)
+                        device=device, backend=knn_backend)
         hits = _relevant(neighbors, labels, ref_labels)
         out = recall_at_k(hits, ks)
         out.update(map_at_r(hits, relevant_counts(labels, ref_labels, self_search)))
-    out["nmi"] = nmi(embeddings, labels, seed, first=first)
+    out["nmi"] = nmi(embeddings, labels, seed, first=first, device=device)
     return out
 
 
-@torch.no_grad()
-def embed_split(model: torch.nn.Module, manifest: dict, root: str, split: str = "test", batch_size: int = 256,
-                device: str | torch.device = "cpu", progress: bool = True, image_size: int = 64,
-                classes: set[int] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Embeddings, labels and keys of every image of a split, or of some of its classes (one process)."""
-    model.eval()
-    data = DataLoader(SplitImages(manifest, root, split, image_size=image_size, classes=classes),
-                      batch_size=batch_size)
-    total = sum(c["count"] for c in manifest["classes"] if c["split"] == split and (classes is None or c["id"] in classes)) \
-        if classes is not None else manifest["splits"][split]["samples"]
-    embs, labels, keys = [], [], []
-    with tqdm(total=total, desc=f"embed {split}", unit="img", disable=not progress) as bar:
-        for images, cls, key in data:
-            emb, _ = model(images.to(device))
-            embs.append(emb.float().cpu().numpy())
-            labels.append(cls.numpy())
-            keys += list(key)
-            bar.update(len(cls))
-    return np.concatenate(embs), np.concatenate(labels), keys
+_ORDER = ("recall_at_", "map_at_r", "r_precision", "precision_at_1", "nmi")
 
 
-@dataclass
-class Evaluation:
-    """What one evaluation produced: the metrics, and what the plots need."""
+def ordered(keys: Iterable[str]) -> list[str]:
+    """Metric keys in the one order tables show them: Recall@K by K, MAP@R, R-Precision, P@1, NMI, then any
+    other key (sorted), so that a new metric is never left out of a table."""
 
-    metrics: dict[str, float]
-    embeddings: np.ndarray
-    labels: np.ndarray
-    query_split: str
-    ref_split: str | None = None
-    ref_labels: np.ndarray | None = None
-    ref_embeddings: np.ndarray | None = None
+    def rank(key: str) -> tuple:
+        if key.startswith("recall_at_") and key.removeprefix("recall_at_").isdigit():
+            return (0, int(key.removeprefix("recall_at_")), key)
+        return (_ORDER.index(key), 0, key) if key in _ORDER else (len(_ORDER), 0, key)
 
-    def neighbours(self, rows: list[int], k: int) -> dict[int, list[int]]:
-        """The k nearest references of some queries (for the retrieval grid)."""
-        return neighbours_of(rows, self.embeddings, k, self.ref_embeddings)
-
-
-def protocol_splits(manifest: dict, split: str) -> tuple[str, str | None]:
-    """(query split, gallery split or None): In-Shop style manifests evaluate 'test' as query vs gallery."""
-    splits = manifest["splits"]
-    if split == "test" and "test" not in splits and {"query", "gallery"} <= set(splits):
-        return "query", "gallery"
-    if split not in splits:
-        raise ValueError(f"split {split!r} is not in the manifest; it has: {', '.join(splits)}")
-    return split, None
-
-
-def evaluate_model(model: torch.nn.Module, manifest: dict, root: str, split: str = "test",
-                   recall_at: Iterable[int] = (1, 2, 4, 8), batch_size: int = 256, seed: int = 0,
-                   device: str | torch.device = "cpu", progress: bool = True, image_size: int = 64,
-                   engine: str = "auto") -> Evaluation:
-    """Embed a split (and its gallery, if any) in this process and compute the metrics once."""
-    query_split, gallery_split = protocol_splits(manifest, split)
-    emb, labels, _ = embed_split(model, manifest, root, query_split, batch_size, device, progress, image_size)
-    gallery = gallery_labels = None
-    if gallery_split:
-        gallery, gallery_labels, _ = embed_split(model, manifest, root, gallery_split, batch_size, device, progress,
-                                                 image_size)
-    metrics = retrieval_metrics(emb, labels, recall_at, seed, gallery, gallery_labels, engine=engine, progress=progress)
-    return Evaluation(metrics, emb, labels, query_split, gallery_split, gallery_labels, gallery)
-
-
-def validation_metrics(model: torch.nn.Module, manifest: dict, root: str, classes: set[int],
-                       recall_at: Iterable[int], batch_size: int, image_size: int, seed: int = 0,
-                       engine: str = "auto") -> dict[str, float]:
-    """Retrieval metrics on held-out *training* classes (the sweep's objective), keyed ``val/<metric>``."""
-    emb, labels, _ = embed_split(model, manifest, root, "train", batch_size, progress=False, image_size=image_size,
-                                 classes=classes)
-    return {f"val/{k}": v for k, v in retrieval_metrics(emb, labels, recall_at, seed, engine=engine).items()}
+    return sorted(set(keys), key=rank)

@@ -112,18 +112,24 @@ def _thresholds(Q, G, members, start, stop, self_search, T, P, R):
         R[i] = n
 
 
+def relevant_members(labels: np.ndarray, ref_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(members, start, stop, width): query i's class members are ``members[start[i]:stop[i]]`` (reference
+    indices; empty where the class is absent); ``width`` is the largest class (at least 1)."""
+    members = np.argsort(ref_labels, kind="stable").astype(np.int64)
+    by_class = ref_labels[members]
+    start = np.searchsorted(by_class, labels, side="left").astype(np.int64)
+    stop = np.searchsorted(by_class, labels, side="right").astype(np.int64)
+    return members, start, stop, max(int((stop - start).max(initial=0)), 1)
+
+
 def relevant_items(labels: np.ndarray, ref_labels: np.ndarray, self_search: bool,
                    query: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(T, P, R): per query, its relevant items' exact scores (descending, ties by lower index), indices, count."""
-    members = np.argsort(ref_labels, kind="stable")
-    by_class = ref_labels[members]  # a query's class is members[start:stop] (empty where the class is absent)
-    start = np.searchsorted(by_class, labels, side="left").astype(np.int64)
-    stop = np.searchsorted(by_class, labels, side="right").astype(np.int64)
-    width = max(int((stop - start).max(initial=0)), 1)
+    members, start, stop, width = relevant_members(labels, ref_labels)
     T = np.full((len(labels), width), -np.inf)
     P = np.full((len(labels), width), np.iinfo(np.int64).max, dtype=np.int64)
     R = np.zeros(len(labels), dtype=np.int64)
-    _thresholds(query, ref, members.astype(np.int64), start, stop, self_search, T, P, R)
+    _thresholds(query, ref, members, start, stop, self_search, T, P, R)
     order = np.lexsort((P, -T), axis=-1)
     return np.take_along_axis(T, order, -1), np.take_along_axis(P, order, -1), R
 

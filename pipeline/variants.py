@@ -1,0 +1,39 @@
+"""The framework's ablation variants: which of its two parts (attention over taps, class adversary) are on.
+
+One list, used by the demo, the ablation, run tags and the CLI alike.
+"""
+
+from __future__ import annotations
+
+from pipeline.config import Config
+
+VARIANTS: dict[str, tuple[bool, bool]] = {
+    "baseline": (False, False),
+    "+attention": (True, False),
+    "+adversary": (False, True),
+    "+both": (True, True),
+}
+"""Variant name -> (attention on, adversary on). The baseline is the last layer alone with the plain DML loss."""
+
+
+def with_variant(cfg: Config, variant: str) -> Config:
+    """The same config with the framework's parts switched as the variant says."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+    attention, adversary = VARIANTS[variant]
+    model = cfg.model.model_copy(update={
+        "attention": cfg.model.attention.model_copy(update={"enabled": attention}),
+        "adversary": cfg.model.adversary.model_copy(update={"enabled": adversary}),
+    })
+    return cfg.model_copy(update={"model": model})
+
+
+def variant_of(cfg: Config) -> str:
+    """The variant a config is."""
+    parts = (cfg.model.attention.enabled, cfg.model.adversary.enabled)
+    return next(name for name, flags in VARIANTS.items() if flags == parts)
+
+
+def slug(variant: str) -> str:
+    """The variant as it goes into run names ('+both' -> 'both')."""
+    return variant.lstrip("+")
