@@ -24,13 +24,14 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import torch
+from torchvision.transforms.functional import pil_to_tensor
 
 from deploy.retrieval_model import RetrievalModel
 from pipeline import config as config_mod
 from pipeline.checkpoint import save_checkpoint
 from pipeline.data import shards
 from pipeline.data.samples import SplitImages
-from pipeline.data.transforms import train_transform
+from pipeline.data.transforms import normalize, train_augment
 from pipeline.evaluation.index import serving_index
 from pipeline.launch import resolve_paths
 from pipeline.model.embedder import Embedder
@@ -63,15 +64,16 @@ def main() -> None:
             break
     # A realistic gallery: 10,000 embeddings of augmented emoji drawings (both splits), by the same model.
     torch.set_num_threads(2)
-    augment = train_transform(cfg.augment, cfg.data.image_size)
+    augment = train_augment(cfg.augment, cfg.data.image_size)
     raw = [img for split in ("train", "test") for img, _, _ in SplitImages(manifest, cfg.data.root, split, raw=True)]
     torch.manual_seed(0)
     model.eval()
     chunks = []
     with torch.no_grad():
         for start in range(0, 10_000, 250):
-            batch = torch.stack([augment(raw[(start + i) % len(raw)]) for i in range(250)])
-            chunks.append(model(batch)[0].numpy())
+            batch = torch.stack([augment(pil_to_tensor(raw[(start + i) % len(raw)].convert("RGB")))
+                                 for i in range(250)])
+            chunks.append(model(normalize(batch))[0].numpy())
     gallery = np.concatenate(chunks).astype(np.float32)
     torch.set_num_threads(1)
 

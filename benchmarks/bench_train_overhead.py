@@ -23,7 +23,7 @@ from pipeline import config as config_mod
 from pipeline.config import Config
 from pipeline.data import shards
 from pipeline.data.stream import BalancedStream, train_loader
-from pipeline.data.transforms import train_transform
+from pipeline.data.transforms import normalize, train_augment
 from pipeline.launch import fit, resolve_paths
 from pipeline.model.embedder import Embedder
 from pipeline.tracking import Tracker
@@ -39,14 +39,14 @@ def plain_loop(cfg: Config, manifest: dict, epochs: int) -> float:
     model = Embedder(cfg.model, n_classes, cfg.data.image_size).train()
     loss_fn = losses.MultiSimilarityLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    stream = BalancedStream(manifest, cfg.data.root, cfg.sampler, train_transform(cfg.augment, cfg.data.image_size),
+    stream = BalancedStream(manifest, cfg.data.root, cfg.sampler, train_augment(cfg.augment, cfg.data.image_size),
                             seed=cfg.train.seed)
     per_step = 0.0
     for epoch in range(epochs):
         stream.set_epoch(epoch)
         started, n = time.perf_counter(), 0
         for images, labels in train_loader(stream):
-            emb, logits = model(images, 0.1)
+            emb, logits = model(normalize(images), 0.1)
             loss = loss_fn(emb, labels) + torch.nn.functional.cross_entropy(logits, labels)
             opt.zero_grad()
             loss.backward()

@@ -27,9 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from synthetic import photo_folder  # noqa: E402
 
 
 def line(check: str, outcome: str) -> None:
@@ -81,32 +82,6 @@ def gpu_tests() -> None:
         print(proc.stdout[-3000:], proc.stderr[-2000:], sep="\n")
 
 
-def photo_like_jpegs(root: Path, classes: int, per_class: int, size=(500, 375), seed: int = 0) -> None:
-    """Smooth colour fields plus texture and shapes, JPEG quality 90: 30-60 KB each, like photos (not flat
-    colour, which compresses to almost nothing and decodes unrealistically fast)."""
-    from PIL import Image, ImageDraw, ImageFilter
-
-    rng = np.random.default_rng(seed)
-    w, h = size
-    for c in range(classes):
-        folder = root / f"class_{c:04d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        base = rng.integers(0, 255, 3)
-        for i in range(per_class):
-            low = rng.normal(0, 1, (h // 25 + 1, w // 25 + 1, 3))
-            field = np.asarray(Image.fromarray(((low - low.min()) / np.ptp(low) * 255).astype(np.uint8))
-                               .resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
-            noise = rng.normal(0, 18, (h, w, 3))
-            img = np.clip(0.5 * field + 0.5 * base + noise, 0, 255).astype(np.uint8)
-            pic = Image.fromarray(img)
-            draw = ImageDraw.Draw(pic)
-            for _ in range(6):
-                x0, y0 = int(rng.integers(0, w - 60)), int(rng.integers(0, h - 60))
-                draw.ellipse([x0, y0, x0 + int(rng.integers(20, 160)), y0 + int(rng.integers(20, 160))],
-                             fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-            pic.filter(ImageFilter.SMOOTH).save(folder / f"{i:03d}.jpg", quality=90)
-
-
 def throughput_config(data_root: Path, tmp: Path, loader_workers: int, steps: int):
     from pipeline import config as config_mod
     from pipeline.launch import resolve_paths
@@ -125,6 +100,7 @@ def model_only_images_per_second(cfg, num_classes: int, steps: int) -> float:
     """A plain loop on the same model and the same kind of in-memory batches: no gdml worker around it."""
     import torch
 
+    from pipeline.data.transforms import normalize
     from pipeline.model.embedder import Embedder
     from pipeline.objectives import MetricLoss, TrainModule
     from pipeline.runtime import Capabilities, choose, decide_device
@@ -142,8 +118,9 @@ def model_only_images_per_second(cfg, num_classes: int, steps: int) -> float:
 
     def step() -> None:
         images, labels = next(batches)
+        images = normalize(images).contiguous(memory_format=torch.channels_last)
         with run.autocast():
-            loss_dml, loss_adv, _ = module(images.contiguous(memory_format=torch.channels_last), labels, 0.1)
+            loss_dml, loss_adv, _ = module(images, labels, 0.1)
         opt.zero_grad(set_to_none=True)
         (loss_dml.float() + loss_adv.float()).backward()
         opt.step()
@@ -175,7 +152,7 @@ def training(tmp: Path, quick: bool) -> float:
 
     classes, per_class = (20, 40) if quick else (60, 50)
     started = time.perf_counter()
-    photo_like_jpegs(tmp / "photos", classes, per_class)
+    photo_folder(tmp / "photos", classes, per_class, workers=min(16, os.cpu_count() or 1))
     line("photos", f"{classes * per_class} JPEGs of 500x375 in {time.perf_counter() - started:.0f} s")
     data_root = tmp / "shards"
     cfg = throughput_config(data_root, tmp, 0, 30 if quick else 60)

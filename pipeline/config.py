@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -57,7 +57,12 @@ class DataConfig(_Section):
     max_side: int | None = Field(None, ge=16)
     """Re-encode images so that their longer side is at most this (JPEG); None: keep the files as they are."""
     max_bad_fraction: float = Field(0.01, ge=0.0, le=1.0)
-    """Building fails if more than this fraction of images cannot be read (they are listed either way)."""
+    """Building, and evaluating, fail if more than this fraction of images cannot be read (they are listed, or
+    counted, either way)."""
+    verify: bool = True
+    """Check each shard's sha256 against the manifest as it is read to its end (training and evaluation): a shard
+    altered after it was built stops the run with one line. Off: not checked; unreadable images are skipped and
+    counted."""
     build_workers: int = Field(2, ge=1)
     """Processes that write shards in parallel."""
 
@@ -76,13 +81,17 @@ class SamplerConfig(_Section):
     """m: images of each class in every batch; drawn with replacement (and augmented) when a class has fewer."""
     batch_size: int = Field(64, ge=4)
     """Per-rank batch size; must equal P x m."""
-    loader_workers: int = Field(0, ge=0)
-    """DataLoader worker processes per training rank (0 = decode in the training process)."""
+    epoch: Literal["classes", "images"] = "classes"
+    """What one epoch is: classes = every class once, m images each (CUB: 100 classes / P = 7 steps of 64 images);
+    images = every image once, in m-image groups per class (CUB: ~5,900 images / 64 = ~92 steps)."""
+    loader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    """Processes per training rank that read and decode (0: the training process itself); auto: one per CPU of
+    the worker beyond the first (train.cpus_per_worker - 1), no more than give each at least one batch."""
     shuffle_buffer: int = Field(256, ge=1)
-    """How many class groups the stream shuffles among."""
+    """How many units (m encoded images of one class) the stream shuffles among, per loader worker."""
     remainder: Literal["pad", "drop"] = "pad"
-    """Classes left over after whole batches on every rank: pad (refill the last batches with the epoch's first
-    classes, so every class is seen each epoch) or drop (one strict pass; they wait for a later epoch)."""
+    """Units left over after whole batches on every rank: pad (refill the last batches with the epoch's first
+    units, so every class, or image, is seen each epoch) or drop (one strict pass; they wait for a later epoch)."""
 
     @model_validator(mode="after")
     def _batch_is_p_times_m(self) -> "SamplerConfig":

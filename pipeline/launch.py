@@ -16,7 +16,6 @@ from pipeline import tracking
 from pipeline.checkpoint import latest_checkpoint
 from pipeline.config import Config, ConfigError
 from pipeline.data import shards
-from pipeline.data.stream import batches_per_slot
 from pipeline.paths import absolute, is_remote
 from pipeline.variants import variant_of
 
@@ -81,21 +80,32 @@ def check_device(cfg: Config, local: bool) -> None:
 
 
 def check_data(cfg: Config, manifest: dict[str, Any], world_size: int) -> None:
-    """Checks that need the manifest: is there enough data for one batch on every rank and worker?"""
-    from pipeline.data.stream import validation_classes
+    """Checks that need the manifest: is there enough data for one batch on every rank and loader worker?"""
+    from pipeline.data.stream import (
+        batches_per_slot,
+        epoch_units,
+        resolve_loader_workers,
+        validation_classes,
+        without_classes,
+    )
 
     try:
         held_out = validation_classes(manifest, cfg.train.val_fraction, cfg.train.seed)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    groups = manifest["splits"]["train"]["classes"] - len(held_out)
-    slots = world_size * max(1, cfg.sampler.loader_workers)
-    if batches_per_slot(groups, slots, cfg.sampler.classes_per_batch, pad=False) == 0:
+    s = cfg.sampler
+    classes = manifest["splits"]["train"]["classes"] - len(held_out)
+    if classes < s.classes_per_batch:
+        raise ConfigError(f"sampler.classes_per_batch: {s.classes_per_batch} classes per batch, but "
+                          f"{cfg.data.root} has {classes} training classes")
+    units = epoch_units(without_classes(manifest["splits"]["train"]["shards"], held_out), s.epoch, s.images_per_class)
+    workers = max(1, resolve_loader_workers(s, cfg.train.cpus_per_worker, units, world_size))
+    if batches_per_slot(units, world_size * workers, s.classes_per_batch, pad=False) == 0:
+        unit = "classes" if s.epoch == "classes" else f"groups of {s.images_per_class} images"
         raise ConfigError(
-            f"sampler.classes_per_batch: {cfg.sampler.classes_per_batch} classes x {world_size} ranks x "
-            f"{max(1, cfg.sampler.loader_workers)} loader workers needs at least "
-            f"{slots * cfg.sampler.classes_per_batch} training classes; {cfg.data.root} has {groups}"
-        )
+            f"sampler.classes_per_batch: {s.classes_per_batch} per batch x {world_size} ranks x {workers} loader "
+            f"workers needs at least {world_size * workers * s.classes_per_batch} {unit} per epoch; {cfg.data.root} "
+            f"has {units} (fewer loader workers, ranks or classes per batch; or sampler.epoch=images)")
 
 
 def _use_gpu(cfg: Config) -> bool:

@@ -45,8 +45,15 @@ from pipeline.checkpoint import (
 )
 from pipeline.config import Config
 from pipeline.data.shards import load_manifest
-from pipeline.data.stream import BalancedStream, train_loader, validation_classes
-from pipeline.data.transforms import train_transform
+from pipeline.data.stream import (
+    BalancedStream,
+    epoch_units,
+    resolve_loader_workers,
+    train_loader,
+    validation_classes,
+    without_classes,
+)
+from pipeline.data.transforms import normalize, train_augment, train_min_area
 from pipeline.model.adversary import adversary_lambda
 from pipeline.model.embedder import Embedder
 from pipeline.objectives import MetricLoss, TrainModule
@@ -125,8 +132,13 @@ def setup_worker(config: dict[str, Any]) -> Worker:
     manifest = load_manifest(cfg.data.root)
     num_train_classes = manifest["splits"]["train"]["classes"]
     val_classes = validation_classes(manifest, cfg.train.val_fraction, cfg.train.seed)
-    stream = BalancedStream(manifest, cfg.data.root, cfg.sampler, train_transform(cfg.augment, cfg.data.image_size),
-                            rank=rank, world_size=world, seed=cfg.train.seed, exclude=val_classes)
+    units = epoch_units(without_classes(manifest["splits"]["train"]["shards"], val_classes), cfg.sampler.epoch,
+                        cfg.sampler.images_per_class)
+    loader_workers = resolve_loader_workers(cfg.sampler, cfg.train.cpus_per_worker, units, world)
+    stream = BalancedStream(manifest, cfg.data.root, cfg.sampler, train_augment(cfg.augment, cfg.data.image_size),
+                            rank=rank, world_size=world, seed=cfg.train.seed, exclude=val_classes,
+                            loader_workers=loader_workers, min_area=train_min_area(cfg.augment, cfg.data.image_size),
+                            verify=cfg.data.verify)
     steps = stream.steps_per_epoch()
     if cfg.train.max_steps_per_epoch:
         steps = min(steps, cfg.train.max_steps_per_epoch)
@@ -138,7 +150,7 @@ def setup_worker(config: dict[str, Any]) -> Worker:
     tracker = Tracker(config.get("mlflow_uri"), config.get("mlflow_run_id")) if rank == 0 else Tracker(None, None)
     if rank == 0:
         tracker.log_params({"runtime.device": str(run.device), "runtime.describe": run.describe(),
-                            "runtime.world_size": world})
+                            "runtime.world_size": world, "runtime.loader_workers": loader_workers})
         print(f"gdml: training on {run.describe()}" + (f", {world} workers" if world > 1 else ""), flush=True)
     loader = train_loader(stream, run.pin_memory)
     if config.get("synthetic_batches"):
@@ -157,7 +169,8 @@ def synthetic_batches(count: int, cfg: Config, num_classes: int, device: torch.d
     batches = []
     for _ in range(count):
         classes = torch.randperm(num_classes, generator=g)[:p]
-        batches.append((torch.randn(p * m, 3, s, s, generator=g).to(device), classes.repeat_interleave(m).to(device)))
+        images = torch.randint(0, 256, (p * m, 3, s, s), dtype=torch.uint8, generator=g)
+        batches.append((images.to(device), classes.repeat_interleave(m).to(device)))
     return _Cycle(batches)
 
 
@@ -237,7 +250,7 @@ def train_step(w: Worker, images: torch.Tensor, labels: torch.Tensor, lam: float
     The device is synchronised once per step: for the values that decide whether the step is applied (a NaN/inf
     on any rank skips or stops it everywhere), which are also the values logged.
     """
-    images = images.to(w.device, non_blocking=True)
+    images = normalize(images.to(w.device, non_blocking=True))  # uint8 from the stream: normalised on the device
     if w.run.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     labels = labels.to(w.device, non_blocking=True)
@@ -318,7 +331,7 @@ def train_epoch(w: Worker, epoch: int, step: int) -> tuple[dict[str, float], int
         (Path(w.config["trace_dir"]) / f"rank{w.rank}-epoch{epoch + 1}.json").write_text(json.dumps(traced))
     metrics = _mean_across_ranks({k: v / max(1, applied) for k, v in sums.items()}, w)
     metrics.update(epoch=epoch + 1, steps=seen, adv_lambda=lam, epoch_seconds=time.perf_counter() - started,
-                   skipped_samples=w.stream.stats.skipped, reused_groups=w.stream.stats.reused_groups,
+                   skipped_samples=w.stream.stats.skipped, reused_units=w.stream.stats.reused_units,
                    skipped_steps=w.skipped_steps)
     if not adv.enabled:
         for key in ("loss_adv", "adv_acc", "adv_lambda"):

@@ -71,7 +71,8 @@ def test_training_reduces_the_metric_loss(tiny_cfg):
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_two_ray_workers_train_disjoint_data_and_log_to_mlflow(tiny_cfg, tmp_path, monkeypatch):
+def test_two_ray_workers_with_loader_workers_train_disjoint_data_and_log_to_mlflow(tiny_cfg, tmp_path, monkeypatch):
+    """2 ranks x 2 loader worker processes, one strict pass per epoch (remainder=drop)."""
     import ray
 
     from pipeline import launch
@@ -85,7 +86,9 @@ def test_two_ray_workers_train_disjoint_data_and_log_to_mlflow(tiny_cfg, tmp_pat
         return real_fit(cfg, tracker, name, local, progress, extra={"trace_dir": str(trace)})
 
     monkeypatch.setattr(launch, "fit", traced_fit)
-    cfg = tiny_cfg.model_copy(update={"train": tiny_cfg.train.model_copy(update={"epochs": 2, "workers": 2})})
+    cfg = tiny_cfg.model_copy(update={
+        "train": tiny_cfg.train.model_copy(update={"epochs": 2, "workers": 2}),
+        "sampler": tiny_cfg.sampler.model_copy(update={"loader_workers": 2, "remainder": "drop"})})
     try:
         result = train_and_evaluate(cfg, local=False, progress=False)
     finally:
@@ -94,12 +97,17 @@ def test_two_ray_workers_train_disjoint_data_and_log_to_mlflow(tiny_cfg, tmp_pat
     for rank in (0, 1):
         devices = json.loads((trace / f"rank{rank}-devices.json").read_text())
         assert devices == {"decided": "cpu", "batches": ["cpu"], "parameters": ["cpu"], "validation": None}
+    params = MlflowClient(result.tracking_uri).get_run(result.run_id).data.params
+    assert params["runtime.loader_workers"] == "2" and params["sampler.epoch"] == "classes"
+    epochs = []
     for epoch in (1, 2):
         per_rank = [json.loads((trace / f"rank{r}-epoch{epoch}.json").read_text()) for r in (0, 1)]
-        assert len(per_rank[0]) == len(per_rank[1]) == 24 // (2 * 4)  # same steps on both ranks
-        classes = [{c for batch in batches for c in batch} for batches in per_rank]
-        assert not classes[0] & classes[1]  # disjoint data
-        assert len(classes[0] | classes[1]) == 24  # the whole training split each epoch
+        # 24 classes, 2 ranks x 2 loader workers x P=4: one strict batch per loader worker, 2 steps per rank
+        assert len(per_rank[0]) == len(per_rank[1]) == 2  # same steps on both ranks
+        drawn = [c for batches in per_rank for batch in batches for c in set(batch)]
+        assert len(drawn) == len(set(drawn)) == 16  # no class twice in the epoch, none shared by two ranks
+        epochs.append(set(drawn))
+    assert epochs[0] != epochs[1]  # the strict pass leaves out other classes each epoch
 
 
 @pytest.mark.slow

@@ -6,16 +6,40 @@ from collections import Counter
 import pytest
 import torch
 
+from pipeline import config as config_mod
 from pipeline.data import shards
-from pipeline.data.stream import BalancedStream, Slot, plan_epoch
-from pipeline.data.transforms import train_transform
+from pipeline.data import stream as stream_mod
+from pipeline.data.stream import BalancedStream, Slot, epoch_units, plan_epoch, train_loader, unit_images
+from pipeline.data.transforms import train_augment
 from tests.conftest import tiny_config
+from tests.data.test_readers import _jpeg
+
+# A folder source whose classes hold 1 to 9 images (CUB-like: many images per class, none divisible by m alike)
+SIZES = [1, 2, 3, 4, 5, 6, 7, 8, 9, 5, 4, 3, 7, 9, 2, 6]
 
 
-def _stream(cfg, rank=0, world=1, root=None):
-    manifest = shards.load_manifest(root or cfg.data.root)
-    return BalancedStream(manifest, str(root or cfg.data.root), cfg.sampler,
-                          train_transform(cfg.augment, cfg.data.image_size), rank=rank, world_size=world, seed=3)
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory):
+    raw = tmp_path_factory.mktemp("uneven")
+    for c, n in enumerate(SIZES):
+        for i in range(n):
+            _jpeg(raw / "photos" / f"c{c:02d}" / f"{i}.jpg", c * 100 + i, (48, 36))
+    cfg = config_mod.load(None, ["data.source=folder", f"data.path={raw / 'photos'}", f"data.root={raw / 'shards'}",
+                                 "data.train_classes=16", "data.shard_max_samples=12", "data.build_workers=1"])
+    shards.build(cfg.data)
+    return raw / "shards"
+
+
+def _sampler(**values):
+    base = {"classes_per_batch": 4, "images_per_class": 3, "batch_size": 12, "loader_workers": 0}
+    return config_mod.SamplerConfig(**{**base, **values})
+
+
+def _stream(cfg, rank=0, world=1, root=None, sampler=None, **kwargs):
+    root = root or cfg.data.root
+    return BalancedStream(shards.load_manifest(root), str(root), sampler or cfg.sampler,
+                          train_augment(cfg.augment, cfg.data.image_size), rank=rank, world_size=world, seed=3,
+                          **kwargs)
 
 
 @pytest.mark.parametrize("world,workers,p", [(1, 1, 2), (2, 1, 2), (2, 2, 2), (3, 2, 2), (2, 1, 5), (3, 1, 7)])
@@ -26,25 +50,63 @@ def test_epoch_plan_gives_every_slot_equal_pieces_covering_every_class(tiny_shar
         padded = [plan_epoch(train, Slot(r, world, w, workers), p, seed=1, epoch=epoch)
                   for r in range(world) for w in range(workers)]
         batches = -(-24 // (slots * p))
-        assert {n for _, _, n in padded} == {batches}  # the same number of batches in every slot
-        draws = [d for _, d, _ in padded]
-        assert all(sum(d.values()) == batches * p for d in draws)
-        assert set().union(*draws) == set(range(24))  # every class, every epoch
+        assert {plan.n_batches for plan in padded} == {batches}  # the same number of batches in every slot
+        assert all(sum(len(u) for u in plan.draws.values()) == batches * p for plan in padded)
+        assert set().union(*(plan.draws for plan in padded)) == set(range(24))  # every class, every epoch
         strict = [plan_epoch(train, Slot(r, world, w, workers), p, seed=1, epoch=epoch, pad=False)
                   for r in range(world) for w in range(workers)]
-        owned = [c for _, d, _ in strict for c, n in d.items() for _ in range(n)]
+        owned = [c for plan in strict for c, units in plan.draws.items() for _ in units]
         assert len(owned) == len(set(owned)) == (24 // (slots * p)) * slots * p  # one pass: nothing twice
 
 
-def test_batches_are_p_classes_by_m_images(tiny_cfg):
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_images_epoch_covers_every_image_once_in_m_image_units(uneven_shards, m):
+    train = shards.load_manifest(uneven_shards)["splits"]["train"]["shards"]
+    counts = {cls: n for sh in train for cls, n in sh["groups"]}
+    assert sorted(counts.values()) == sorted(SIZES)
+    units = epoch_units(train, "images", m)
+    assert units == sum(-(-n // m) for n in SIZES)
+    for world, workers in ((1, 1), (2, 2)):
+        plans = [plan_epoch(train, Slot(r, world, w, workers), 2, seed=5, epoch=1, pad=True, epoch_mode="images", m=m)
+                 for r in range(world) for w in range(workers)]
+        assert len({plan.n_batches for plan in plans}) == 1
+        drawn = Counter((cls, unit) for plan in plans for cls, us in plan.draws.items() for unit, cycle in us
+                        if cycle == 0)
+        assert set(drawn) == {(cls, u) for cls, n in counts.items() for u in range(-(-n // m))}  # every unit once
+        assert max(drawn.values()) == 1
+    for cls, n in counts.items():
+        images = [unit_images(n, m, 5, 1, cls, u, 0, "images") for u in range(-(-n // m))]
+        assert all(len(positions) == m for positions in images)
+        assert set().union(*map(set, images)) == set(range(n))  # every image of the class
+        firsts = [p for positions in images[:-1] for p in positions]
+        assert len(firsts) == len(set(firsts))  # once, apart from the last unit's top-up
+        if n >= m:
+            assert len(set(images[-1])) == m  # topped up with other images of the class, no duplicate
+
+
+def test_batches_are_p_classes_by_m_uint8_images(tiny_cfg):
     stream = _stream(tiny_cfg)
     batches = list(stream)
     assert len(batches) == stream.steps_per_epoch() == 24 // 4
     for images, labels in batches:
-        assert images.shape == (12, 3, 32, 32)
+        assert images.shape == (12, 3, 32, 32) and images.dtype == torch.uint8
         assert sorted(Counter(labels.tolist()).values()) == [3, 3, 3, 3]
     seen = [c for _, labels in batches for c in set(labels.tolist())]
     assert sorted(seen) == list(range(24))  # one pass: every training class once
+
+
+def test_only_the_drawn_images_are_decoded(uneven_shards, monkeypatch):
+    calls = []
+    real = stream_mod.decode_rgb
+    monkeypatch.setattr(stream_mod, "decode_rgb", lambda data, min_area=0.0: calls.append(1) or real(data, min_area))
+    cfg = tiny_config(uneven_shards.parent, **{"data.root": str(uneven_shards)})
+    for mode in ("classes", "images"):
+        calls.clear()
+        stream = _stream(cfg, sampler=_sampler(images_per_class=2, batch_size=8, epoch=mode))
+        batches = list(stream)
+        assert len(calls) == len(batches) * 8  # P x m per batch: nothing else is decoded
+        assert sum(SIZES) > len(calls) or mode == "images"
+    assert len(batches) == stream.steps_per_epoch() == -(-sum(-(-n // 2) for n in SIZES) // 4)
 
 
 def test_two_ranks_take_equal_steps_on_disjoint_classes(tiny_cfg):
@@ -58,53 +120,72 @@ def test_two_ranks_take_equal_steps_on_disjoint_classes(tiny_cfg):
     assert len(per_rank[0] | per_rank[1]) == 24
 
 
-def test_epochs_reshuffle_and_seed_repeats(tiny_cfg):
+def test_epochs_reshuffle_seed_repeats_and_the_training_rng_is_untouched(tiny_cfg):
     def order(epoch):
         stream = _stream(tiny_cfg)
         stream.set_epoch(epoch)
-        return [labels[0].item() for _, labels in stream]
+        torch.manual_seed(123)
+        before = torch.get_rng_state()
+        out = [(labels[0].item(), images.float().mean().item()) for images, labels in stream]
+        assert torch.equal(before, torch.get_rng_state())  # augmentation draws from its own generator
+        return out
 
     assert order(0) == order(0)
     assert order(0) != order(1)
 
 
-def test_loader_workers_split_the_rank(tiny_cfg):
-    from pipeline.data.stream import train_loader
+def test_persistent_loader_workers_split_the_rank_and_follow_the_epoch(tiny_cfg):
+    stream = _stream(tiny_cfg, loader_workers=2)
+    loader = train_loader(stream)
+    epochs = []
+    for epoch in range(2):
+        stream.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == stream.steps_per_epoch() == 2 * (24 // (2 * 4))
+        classes = [c for _, labels in batches for c in set(labels.tolist())]
+        assert len(classes) == len(set(classes))
+        epochs.append([labels.tolist() for _, labels in batches])
+    assert loader._iterator is not None and loader.persistent_workers
+    fresh = _stream(tiny_cfg, loader_workers=2)
+    fresh.set_epoch(1)
+    assert [labels.tolist() for _, labels in train_loader(fresh)] == epochs[1] != epochs[0]
 
-    cfg = tiny_cfg.model_copy(update={"sampler": tiny_cfg.sampler.model_copy(update={"loader_workers": 2})})
-    stream = _stream(cfg)
-    batches = list(train_loader(stream))
-    assert len(batches) == stream.steps_per_epoch() == 2 * (24 // (2 * 4))
-    classes = [c for _, labels in batches for c in set(labels.tolist())]
-    assert len(classes) == len(set(classes))
 
-
-def test_corrupt_image_and_truncated_shard_are_skipped_not_fatal(tmp_path, tiny_shards):
+def test_corrupt_images_and_a_truncated_shard_are_skipped_and_no_class_is_dropped(tmp_path, uneven_shards):
     root = tmp_path / "broken"
-    shutil.copytree(tiny_shards, root)
+    shutil.copytree(uneven_shards, root)
     manifest = shards.load_manifest(root)
     files = [s["file"] for s in manifest["splits"]["train"]["shards"]]
-    # 1) one image's bytes replaced by garbage
+    # 1) two images of the first shard's largest class replaced by garbage
     first = root / files[0]
+    groups = manifest["splits"]["train"]["shards"][0]["groups"]
+    victim, _ = max(groups, key=lambda g: g[1])
     with tarfile.open(first) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    broken, out = 0, []
+    for member, data in members:
+        if member.name.endswith(".jpg") and broken < 2 and any(
+                m2.name == member.name.replace(".jpg", ".cls") and d2 == str(victim).encode() for m2, d2 in members):
+            data, broken = b"not an image", broken + 1
+            member.size = len(data)
+        out.append((member, data))
     with tarfile.open(first, "w") as tar:
-        for i, (m, data) in enumerate(members):
-            if m.name.endswith(".png") and i < 3:
-                data = b"not an image"
-                m.size = len(data)
-            tar.addfile(m, io.BytesIO(data))
+        for member, data in out:
+            tar.addfile(member, io.BytesIO(data))
     # 2) the last shard cut in half
     last = root / files[-1]
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
 
     cfg = tiny_config(tmp_path, **{"data.root": str(root)})
-    stream = _stream(cfg, root=root)
-    batches = list(stream)
-    assert len(batches) == stream.steps_per_epoch()  # the same number of steps as intact data
-    assert stream.stats.skipped >= 2
-    assert all(images.shape[0] == 12 for images, _ in batches)
-    assert torch.isfinite(torch.stack([b[0] for b in batches])).all()
+    label = sorted(c["id"] for c in manifest["classes"] if c["split"] == "train").index(victim)
+    for mode in ("classes", "images"):
+        stream = _stream(cfg, root=root, sampler=_sampler(images_per_class=2, batch_size=8, epoch=mode), verify=False)
+        batches = list(stream)
+        assert len(batches) == stream.steps_per_epoch()  # the same number of steps as intact data
+        assert stream.stats.skipped >= 1
+        assert all(images.shape[0] == 8 for images, _ in batches)
+        counts = Counter(c for _, labels in batches for c in labels.tolist())
+        assert counts[label] >= 2  # the class with broken images is still drawn, m images a unit
 
 
 def test_one_pass_epoch_sees_no_image_twice(tiny_cfg):
@@ -117,3 +198,43 @@ def test_one_pass_epoch_sees_no_image_twice(tiny_cfg):
     flat = images.flatten(1)
     assert len(flat) == 24 * 2
     assert len({tuple(row.tolist()) for row in flat}) == len(flat)
+
+
+def test_a_shard_altered_in_place_stops_the_stream_and_evaluation_reads(tmp_path, tiny_shards):
+    from pipeline.data.samples import ShardChecksumError, SplitImages
+
+    root = tmp_path / "altered"
+    shutil.copytree(tiny_shards, root)
+    manifest = shards.load_manifest(root)
+    for split in ("train", "test"):
+        path = root / manifest["splits"][split]["shards"][0]["file"]
+        data = bytearray(path.read_bytes())
+        data[700] ^= 0xFF  # same size, one byte changed (inside the first image)
+        path.write_bytes(bytes(data))
+    assert len(shards.verify(root)) == 2  # what `gdml shards verify` reports
+    cfg = tiny_config(tmp_path, **{"data.root": str(root)})
+    with pytest.raises(ShardChecksumError, match="does not match the sha256 its manifest recorded"):
+        list(_stream(cfg, root=root))
+    with pytest.raises(ShardChecksumError):
+        list(SplitImages(manifest, str(root), "test", image_size=32))
+    assert len(list(SplitImages(manifest, str(root), "test", image_size=32, verify=False))) >= 47
+
+
+def test_the_tar_reader_reads_what_tarfile_writes(tmp_path):
+    """Long names (GNU and pax), nested folders and empty members, as WebDataset groups them into samples."""
+    from pipeline.data.samples import read_shard
+
+    members = {"a/short.jpg": b"1" * 10, "a/short.cls": b"3", "x" * 150 + ".jpg": b"2" * 600,
+               "x" * 150 + ".cls": b"", "b.json": b"{}"}
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT):
+        if fmt == tarfile.USTAR_FORMAT:
+            members = {k: v for k, v in members.items() if len(k) < 100}
+        path = tmp_path / f"{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        samples = list(read_shard(str(path)))
+        flat = {f"{s['__key__']}.{ext}": v for s in samples for ext, v in s.items() if ext != "__key__"}
+        assert flat == members, fmt
