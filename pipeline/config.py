@@ -136,12 +136,26 @@ class AdversaryConfig(_Section):
     """Off: no class-adversarial head (the baseline)."""
     weight: float = Field(0.1, ge=0.0)
     """lambda: the gradient-reversal coefficient (its final value when the schedule ramps)."""
-    schedule: Literal["constant", "dann"] = "dann"
-    """dann: lambda * (2 / (1 + exp(-10 p)) - 1) with p the fraction of training done."""
-    input: Literal["features", "embedding"] = "features"
-    """features: the fused pooled features before the embedding layer; embedding: the embedding itself."""
+    schedule: Literal["constant", "dann", "warmup"] = "dann"
+    """dann: lambda * (2 / (1 + exp(-10 p)) - 1) with p the fraction of training done; warmup: 0 until the head's
+    running accuracy on the training classes exceeds warmup_factor x chance, then the dann ramp over the rest."""
+    warmup_factor: float = Field(2.0, gt=1.0)
+    """warmup schedule: how far above chance (1 / training classes) the head must be before lambda ramps up."""
+    input: Literal["features", "embedding", "taps"] = "features"
+    """features: the fused pooled features before the embedding layer; embedding: the embedding itself; taps: the
+    attention-pooled tap descriptors alone (the last layer's feature untouched by the adversary)."""
+    mode: str = "reversal"
+    """reversal: gradient reversal (the features get -lambda times the head's gradient); confusion: the head
+    learns to classify, the features learn to make its prediction uniform (lambda x cross-entropy to uniform)."""
     hidden: int = Field(512, ge=8)
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, value: str) -> str:
+        from pipeline.model.adversary import MODES
+
+        return one_of(value, MODES)
 
 
 class ModelConfig(_Section):

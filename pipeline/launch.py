@@ -54,6 +54,9 @@ def check_model(cfg: Config) -> None:
         problem = check_taps(cfg.model.backbone, taps)
         if problem:
             raise ConfigError(f"model.attention.taps: {problem}")
+    adv = cfg.model.adversary
+    if adv.enabled and adv.input == "taps" and not (cfg.model.attention.enabled and resolved_taps(cfg.model)):
+        raise ConfigError("model.adversary.input: taps needs the attention over taps on (model.attention.enabled)")
     problem = check_params(cfg.loss)
     if problem:
         raise ConfigError(f"loss.params: {problem}")

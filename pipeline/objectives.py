@@ -103,10 +103,14 @@ class TrainModule(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor, lam: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(DML loss, adversarial loss or None, adversary logits or None)."""
-        emb, logits = self.embedder(images, lam)
+        emb, adversarial = self.embedder(images, lam)
         loss_dml = self.metric_loss(emb, labels)
-        loss_adv = adversarial_loss(logits, labels) if logits is not None else None
-        return loss_dml, loss_adv, logits
+        if adversarial is None:
+            return loss_dml, None, None
+        loss_adv = adversarial_loss(adversarial.logits, labels)
+        if adversarial.feature_loss is not None:
+            loss_adv = loss_adv + adversarial.feature_loss
+        return loss_dml, loss_adv, adversarial.logits
 
 
 def adversarial_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ from pipeline.objectives import MetricLoss, TrainModule
 from pipeline.runtime import Runtime, worker_runtime
 from pipeline.tracking import Tracker
 
-EPOCH_SUMS = ("loss", "loss_dml", "loss_adv", "adv_acc")
+EPOCH_SUMS = ("loss", "loss_dml", "loss_adv", "adv_acc", "adv_grad_norm", "dml_grad_norm")
 
 
 def seed_everything(seed: int) -> None:
@@ -101,6 +101,12 @@ class Worker:
     tracker: Tracker
     ddp_module: torch.nn.Module | None = None
     skipped_steps: int = 0
+    ramp_steps: int = 0
+    """The adversary ramp's horizon in steps: fixed when the run starts and kept when it is resumed with more
+    epochs (lambda then stays at its final value), so resuming never changes lambda for steps already planned."""
+    adv_acc_ema: float | None = None
+    warmup_done_at: float | None = None
+    """warmup schedule: the training progress at which the head rose above chance (None while it has not)."""
     batch_devices: set[str] | None = None
     """Devices the batches were moved to (traced runs only)."""
     validation_device: str | None = None
@@ -116,6 +122,24 @@ class Worker:
     @property
     def total_steps(self) -> int:
         return self.steps * self.cfg.train.epochs
+
+    def adversary_lambda(self, step: int) -> float:
+        adv = self.cfg.model.adversary
+        if not adv.enabled:
+            return 0.0
+        return adversary_lambda(adv.weight, adv.schedule, step / max(1, self.ramp_steps - 1), self.warmup_done_at)
+
+    def track_warmup(self, accuracy: float, step: int) -> None:
+        """warmup schedule: a running mean of the head's accuracy (the same on every rank) against chance."""
+        adv = self.cfg.model.adversary
+        if adv.schedule != "warmup" or self.warmup_done_at is not None:
+            return
+        self.adv_acc_ema = accuracy if self.adv_acc_ema is None else 0.9 * self.adv_acc_ema + 0.1 * accuracy
+        if self.adv_acc_ema > adv.warmup_factor / self.num_train_classes:
+            self.warmup_done_at = step / max(1, self.ramp_steps - 1)
+
+    def resume_state(self) -> dict:
+        return {"ramp_steps": self.ramp_steps, "adv_acc_ema": self.adv_acc_ema, "warmup_done_at": self.warmup_done_at}
 
 
 def setup_worker(config: dict[str, Any]) -> Worker:
@@ -144,6 +168,7 @@ def setup_worker(config: dict[str, Any]) -> Worker:
         steps = min(steps, cfg.train.max_steps_per_epoch)
 
     embedder = Embedder(cfg.model, num_train_classes, cfg.data.image_size)
+    embedder.measure_gradients = cfg.model.adversary.enabled  # the adversary's state, logged every epoch
     # The whole module (backbone, attention, embedding, adversary, the loss's proxies) on the one device.
     module = TrainModule(embedder, MetricLoss(cfg.loss, num_train_classes, cfg.model.embedding_size, world))
     module = module.to(run.device, memory_format=torch.channels_last if run.channels_last else torch.preserve_format)
@@ -159,7 +184,7 @@ def setup_worker(config: dict[str, Any]) -> Worker:
     return Worker(config, cfg, rank, world, run, manifest, num_train_classes, val_classes, stream,
                   loader, steps, module, build_optimizer(module, cfg),
                   torch.amp.GradScaler(run.device_type, enabled=run.grad_scaler), tracker,
-                  batch_devices=set() if config.get("trace_dir") else None)
+                  ramp_steps=steps * cfg.train.epochs, batch_devices=set() if config.get("trace_dir") else None)
 
 
 def synthetic_batches(count: int, cfg: Config, num_classes: int, device: torch.device) -> list:
@@ -204,6 +229,9 @@ def resume(w: Worker) -> tuple[int, int]:
     w.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     w.skipped_steps = int(state["metrics"].get("skipped_steps", 0))
+    loop = state.get("loop", {})
+    w.ramp_steps = int(loop.get("ramp_steps", w.ramp_steps))
+    w.adv_acc_ema, w.warmup_done_at = loop.get("adv_acc_ema"), loop.get("warmup_done_at")
     # Exactly once: the epoch of this checkpoint was reported; log its metrics if the crash came first.
     if state["epoch"] not in w.tracker.logged_steps("loss"):
         w.tracker.log_metrics(_mlflow_metrics(state["metrics"]), step=state["epoch"])
@@ -267,15 +295,23 @@ def train_step(w: Worker, images: torch.Tensor, labels: torch.Tensor, lam: float
     w.scaler.unscale_(w.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(w.module.parameters(), float("inf"))
     zero = loss.new_zeros(())
+    norms = w.module.embedder.grad_norms  # at the adversary's input, per path (scaled like the loss)
     values = torch.stack([loss.detach(), loss_dml.detach(),
                           zero if loss_adv is None else loss_adv.detach().float(),
                           zero if logits is None else (logits.argmax(1) == labels).float().mean(),
-                          grad_norm.detach().float()])
-    checked = (("loss_dml", 1), ("loss_adv", 2), ("loss", 0)) + ((("gradient norm", 4),) if not w.run.grad_scaler else ())
-    bad = (~torch.isfinite(values[[i for _, i in checked]])).any().to(torch.int32)  # fp16: the scaler skips those
+                          grad_norm.detach().float(), norms.get("adv", zero), norms.get("dml", zero)])
+    checked = (("loss_dml", 1), ("loss_adv", 2), ("loss", 0))
+    if not w.run.grad_scaler:  # fp16: the scaler skips steps whose gradients overflowed
+        checked += (("gradient norm", 4),)
+    bad = (~torch.isfinite(values[[i for _, i in checked]])).any().float()
+    shared = torch.stack([bad, values[3]])  # the NaN decision and the head's accuracy, the same on every rank
     if w.distributed:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank takes the same decision
-    host, bad_anywhere = values.tolist(), bool(bad.item())
+        dist.all_reduce(shared)
+        shared[1] /= w.world
+    host, (bad_anywhere, accuracy) = values.tolist(), shared.tolist()
+    if w.run.grad_scaler:  # the gradient norms were taken on the scaled loss
+        scale = w.scaler.get_scale()
+        host[5], host[6] = host[5] / scale, host[6] / scale
     if bad_anywhere:
         terms = [name for name, i in checked if not math.isfinite(host[i])]
         if w.cfg.train.nonfinite == "stop":
@@ -289,7 +325,8 @@ def train_step(w: Worker, images: torch.Tensor, labels: torch.Tensor, lam: float
     w.scaler.update()
     out = {"loss": host[0], "loss_dml": host[1]}
     if loss_adv is not None:
-        out.update(loss_adv=host[2], adv_acc=host[3])
+        out.update(loss_adv=host[2], adv_acc=host[3], adv_grad_norm=host[5], dml_grad_norm=host[6])
+        w.track_warmup(accuracy, global_step)
     return out
 
 
@@ -308,7 +345,7 @@ def train_epoch(w: Worker, epoch: int, step: int) -> tuple[dict[str, float], int
         if seen >= w.steps:
             break
         _inject_crash(w, step + 1)
-        lam = adversary_lambda(adv.weight, adv.schedule, step / max(1, w.total_steps - 1)) if adv.enabled else 0.0
+        lam = w.adversary_lambda(step)
         where = f"epoch {epoch + 1}, step {seen + 1} (global step {step + 1})"
         terms = train_step(w, images, labels, lam, where, step + 1)
         if terms is not None:
@@ -333,8 +370,13 @@ def train_epoch(w: Worker, epoch: int, step: int) -> tuple[dict[str, float], int
     metrics.update(epoch=epoch + 1, steps=seen, adv_lambda=lam, epoch_seconds=time.perf_counter() - started,
                    skipped_samples=w.stream.stats.skipped, reused_units=w.stream.stats.reused_units,
                    skipped_steps=w.skipped_steps)
-    if not adv.enabled:
-        for key in ("loss_adv", "adv_acc", "adv_lambda"):
+    if adv.enabled:
+        metrics.update(adv_chance=1.0 / w.num_train_classes,
+                       adv_grad_ratio=metrics["adv_grad_norm"] / max(metrics["dml_grad_norm"], 1e-12))
+        if adv.schedule == "warmup":
+            metrics["adv_warmup_done_at"] = -1.0 if w.warmup_done_at is None else w.warmup_done_at
+    else:
+        for key in ("loss_adv", "adv_acc", "adv_lambda", "adv_grad_norm", "dml_grad_norm"):
             metrics.pop(key)
     return metrics, step
 
@@ -362,7 +404,8 @@ def report(w: Worker, metrics: dict[str, float], epoch: int, step: int) -> None:
     name = checkpoint_dir_name(epoch)
     directory = Path(keep) / name if keep else Path(tempfile.mkdtemp(prefix="gdml-ckpt-")) / name
     save_checkpoint(directory, w.module, w.optimizer, w.scaler, w.cfg, w.num_train_classes, epoch, step, metrics,
-                    extra={"runtime": {"device": str(w.device), "describe": w.run.describe(), "world_size": w.world}})
+                    extra={"runtime": {"device": str(w.device), "describe": w.run.describe(), "world_size": w.world},
+                           "loop": w.resume_state()})
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
                      checkpoint_dir_name=name)
     if not keep:

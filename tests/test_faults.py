@@ -156,7 +156,7 @@ def test_cpu_bf16_autocast_runs_a_training_step_when_forced():
     choice = choose(torch.device("cpu"), Capabilities(cuda=False), "bf16")
     model = Embedder(model_cfg(), 3, image_size=32)
     with choice.autocast():
-        emb, logits = model(torch.randn(4, 3, 32, 32), 0.1)
+        emb, adversarial = model(torch.randn(4, 3, 32, 32), 0.1)
     assert emb.dtype == torch.bfloat16
-    (emb.float().sum() + logits.float().sum()).backward()
+    (emb.float().sum() + adversarial.logits.float().sum()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

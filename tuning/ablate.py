@@ -56,8 +56,15 @@ def collect(uri: str, experiment: str, name: str) -> list[dict[str, Any]]:
             for r in runs if r.info.status == "FINISHED"]
 
 
+def mean_std(values: list[float]) -> str:
+    """'mean ± sample standard deviation' (ddof=1) over seeds; the mean alone for a single seed."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
 def summarise(rows: list[dict[str, Any]], losses: list[str], variants: list[str] | None = None) -> str:
-    """Markdown: one row per variant, mean +- std over seeds of each reported metric, per loss."""
+    """Markdown: one row per variant, mean ± sample std over seeds of each reported metric, per loss."""
     head = "| variant | " + " | ".join(f"{loss} {m}" for loss in losses for m in REPORTED) + " |"
     lines = [head, "|" + "---|" * (1 + len(losses) * len(REPORTED))]
     for variant in variants or VARIANTS:
@@ -65,7 +72,7 @@ def summarise(rows: list[dict[str, Any]], losses: list[str], variants: list[str]
         for loss in losses:
             for metric in REPORTED:
                 values = [r[metric] for r in rows if r["variant"] == variant and r["loss"] == loss]
-                cells.append(f"{np.mean(values):.4f} ± {np.std(values):.4f}" if values else "n/a")
+                cells.append(mean_std(values) if values else "n/a")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -80,7 +87,7 @@ def plot(rows: list[dict[str, Any]], losses: list[str], variants: list[str] | No
         for variant in variants:
             values = [r["recall_at_1"] for r in rows if r["variant"] == variant and r["loss"] == loss]
             means.append(np.mean(values) if values else 0.0)
-            stds.append(np.std(values) if values else 0.0)
+            stds.append(np.std(values, ddof=1) if len(values) > 1 else 0.0)
         colours = {"baseline": "#999", "+attention": "#4c78a8", "+adversary": "#f58518", "+both": "#54a24b"}
         ax.bar(variants, means, yerr=stds, capsize=4, color=[colours[v] for v in variants])
         ax.set_title(loss)

@@ -1,8 +1,16 @@
-"""The class-adversarial network: a gradient-reversal layer and an MLP that predicts the training class.
+"""The class-adversarial network: an MLP that predicts the training class, and how its gradient reaches the
+features.
 
-The head learns to predict the class (it minimises cross-entropy); the reversal multiplies the gradient
-flowing back into the features by -lambda, so the backbone learns features the head cannot classify:
-class-invariant, more general ones.
+- ``reversal`` (Ganin & Lempitsky, 2015): a gradient-reversal layer before the head. The head learns to predict
+  the class (it minimises cross-entropy); the features receive -lambda times that gradient, so the backbone
+  learns features the head cannot classify.
+- ``confusion`` (Tzeng et al., 2015): the head is trained to classify (on features it cannot change), and the
+  features are trained, with weight lambda, to make the head's prediction uniform over the classes (cross-entropy
+  against the uniform distribution). The features' gradient is bounded by the head's, where reversal's can grow
+  without limit as the head gets better.
+
+lambda follows a schedule: ``constant``, ``dann`` (ramped from 0 as 2/(1+exp(-10p))-1 over training progress p),
+or ``warmup`` (0 until the head predicts the training classes above chance, then the DANN ramp over the rest).
 """
 
 from __future__ import annotations
@@ -11,6 +19,9 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+MODES = ("reversal", "confusion")
 
 
 class GradReverse(torch.autograd.Function):
@@ -30,19 +41,37 @@ def grad_reverse(x: torch.Tensor, lam: float) -> torch.Tensor:
     return GradReverse.apply(x, lam)
 
 
-def adversary_lambda(weight: float, schedule: str, progress: float) -> float:
-    """lambda at a point of training; ``progress`` in [0, 1]. dann: the ramp of Ganin & Lempitsky (2015)."""
-    if schedule == "constant":
-        return weight
+def dann_ramp(weight: float, progress: float) -> float:
     p = min(max(progress, 0.0), 1.0)
     return weight * (2.0 / (1.0 + math.exp(-10.0 * p)) - 1.0)
 
 
-class ClassAdversary(nn.Module):
-    """Gradient reversal followed by an MLP classifier over the training classes."""
+def adversary_lambda(weight: float, schedule: str, progress: float, warmup_done_at: float | None = None) -> float:
+    """lambda at a point of training; ``progress`` in [0, 1]. ``warmup_done_at``: the progress at which the head
+    rose above chance (``warmup`` schedule; None while it has not)."""
+    if schedule == "constant":
+        return weight
+    if schedule == "warmup":
+        if warmup_done_at is None:
+            return 0.0
+        return dann_ramp(weight, (progress - warmup_done_at) / max(1e-9, 1.0 - warmup_done_at))
+    return dann_ramp(weight, progress)
 
-    def __init__(self, in_features: int, num_classes: int, hidden: int = 512, dropout: float = 0.2) -> None:
+
+def confusion_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the predicted distribution against the uniform one (mean over the batch)."""
+    return -F.log_softmax(logits.float(), dim=1).mean(dim=1).mean()
+
+
+class ClassAdversary(nn.Module):
+    """An MLP classifier over the training classes, attached to the features by reversal or confusion."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 512, dropout: float = 0.2,
+                 mode: str = "reversal") -> None:
         super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"model.adversary.mode: {mode!r}; allowed: {', '.join(MODES)}")
+        self.mode = mode
         self.head = nn.Sequential(
             # No BatchNorm: its per-rank statistics would make a DDP step differ from one on the whole batch.
             nn.Linear(in_features, hidden),
@@ -51,5 +80,13 @@ class ClassAdversary(nn.Module):
             nn.Linear(hidden, num_classes),
         )
 
-    def forward(self, features: torch.Tensor, lam: float) -> torch.Tensor:
-        return self.head(grad_reverse(features, lam))
+    def forward(self, features: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(class logits, the features' own loss or None). The logits' cross-entropy trains the head (and, under
+        reversal, sends -lam times its gradient to the features); under confusion the second term, lam times the
+        cross-entropy to uniform of the head applied with its weights held fixed, is what trains the features."""
+        if self.mode == "reversal":
+            return self.head(grad_reverse(features, lam)), None
+        logits = self.head(features.detach())
+        fixed = {name: p.detach() for name, p in self.head.named_parameters()}
+        confused = torch.func.functional_call(self.head, fixed, (features,))
+        return logits, lam * confusion_loss(confused)

@@ -70,24 +70,36 @@ class TapPooling(nn.Module):
             self.attend = nn.ModuleList(CBAM(width) for _ in range(count))
         self.shared = shared
         self.last_weights: dict[str, torch.Tensor] = {}
-        """The attention weights over positions of the latest forward pass, per tap (for plots)."""
+        """The attention weights over positions of the latest forward pass, per tap, shaped like the tap's map
+        (B, H, W): the attention-map plots read them."""
 
     def _module(self, i: int) -> nn.Module:
         return self.attend[0 if self.shared else i]
 
-    def forward(self, maps: dict[str, torch.Tensor], last: torch.Tensor) -> torch.Tensor:
-        out = []
-        query = self.query(last.mean(dim=(2, 3))) if self.kind == "additive" else None
+    def forward(self, maps: dict[str, torch.Tensor], query_from: torch.Tensor,
+                detached_query: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Descriptors (B, taps, width); ``query_from``: the pooled last-layer feature (B, C) that queries additive
+        attention. ``detached_query``: also return the descriptors pooled with the query cut from the gradient,
+        so that a loss on them sends nothing back to the last layer."""
+        out, cut = [], []
+        query = self.query(query_from) if self.kind == "additive" else None
         for i, tap in enumerate(self.taps):
             local = self.project[i](maps[tap])
+            h, w = local.shape[-2:]
             if self.kind == "avg":
                 out.append(local.mean(dim=(2, 3)))
+                cut.append(out[-1])
                 continue
             if self.kind == "additive":
                 weights = self._module(i)(local, query)
                 out.append(torch.einsum("bn,bcn->bc", weights, local.flatten(2)))
+                if detached_query:
+                    cut.append(torch.einsum("bn,bcn->bc", self._module(i)(local, query.detach()), local.flatten(2)))
             else:
                 pooled, weights = self._module(i)(local)
                 out.append(pooled)
-            self.last_weights[tap] = weights.detach()
+                cut.append(pooled)
+            self.last_weights[tap] = weights.detach().view(-1, h, w)
+        if detached_query:
+            return torch.stack(out, dim=1), torch.stack(cut, dim=1)
         return torch.stack(out, dim=1)
