@@ -7,6 +7,7 @@ values only, loadable with ``torch.load(..., weights_only=True)``, which execute
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,14 @@ import torch
 
 from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
+from pipeline.errors import GdmlError
 from pipeline.paths import is_remote
 
 CHECKPOINT_FILE = "model.pt"
 CHECKPOINT_PREFIX = "checkpoint_epoch="
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(GdmlError):
     """A NaN/inf loss, gradient or weight: the run stops (or the step is skipped) and no checkpoint is written."""
 
 
@@ -67,6 +69,7 @@ def save_checkpoint(directory: Path, module: torch.nn.Module, optimizer: torch.o
     """
     check_finite(module, epoch)
     directory.mkdir(parents=True, exist_ok=True)
+    partial = directory / f".{CHECKPOINT_FILE}.partial"
     torch.save(
         {
             "model": module.embedder.state_dict(),
@@ -81,8 +84,9 @@ def save_checkpoint(directory: Path, module: torch.nn.Module, optimizer: torch.o
             "metrics": metrics,
             **(extra or {}),
         },
-        directory / CHECKPOINT_FILE,
+        partial,
     )
+    os.replace(partial, directory / CHECKPOINT_FILE)  # never a half-written model.pt, even if the process dies
 
 
 def load_checkpoint(checkpoint_dir: str | Path) -> dict[str, Any]:
@@ -120,8 +124,8 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval(), cfg, state
 
 
-def latest_checkpoint(storage_path: str, name: str) -> str | None:
-    """The newest ``checkpoint_epoch=NNNN`` directory of a run (local path or s3:// / gs://), if any."""
+def checkpoints(storage_path: str, name: str) -> list[str]:
+    """A run's checkpoint directories holding a ``model.pt``, newest first (local path or s3:// / gs://)."""
     import pyarrow.fs
 
     remote = is_remote(storage_path)
@@ -130,11 +134,29 @@ def latest_checkpoint(storage_path: str, name: str) -> str | None:
     try:
         entries = fs.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True))
     except (OSError, FileNotFoundError):
-        return None
+        return []
     names = sorted(e.base_name for e in entries
                    if e.type == pyarrow.fs.FileType.Directory and e.base_name.startswith(CHECKPOINT_PREFIX))
+    found = []
     for candidate in reversed(names):
         path = f"{run_dir}/{candidate}"
         if fs.get_file_info(f"{path}/{CHECKPOINT_FILE}").type == pyarrow.fs.FileType.File:
-            return f"{storage_path.rstrip('/')}/{name}/{candidate}" if remote else path
+            found.append(f"{storage_path.rstrip('/')}/{name}/{candidate}" if remote else path)
+    return found
+
+
+def latest_checkpoint(storage_path: str, name: str) -> str | None:
+    """The newest checkpoint directory of a run, if any."""
+    found = checkpoints(storage_path, name)
+    return found[0] if found else None
+
+
+def load_latest(storage_path: str, name: str) -> tuple[str, dict[str, Any]] | None:
+    """(directory, state) of the newest checkpoint that loads: one still being copied into storage when a process
+    died (Ray Train's copy is not atomic) is passed over for the one before it."""
+    for path in checkpoints(storage_path, name):
+        try:
+            return path, load_checkpoint(path)
+        except Exception:  # noqa: BLE001 - a torn file: the previous checkpoint will do
+            continue
     return None

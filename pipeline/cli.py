@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
+from pipeline.errors import GdmlError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -70,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", type=Path)
     p.add_argument("--model", default="models:/gdml-retrieval@champion", help="model URI")
     p.add_argument("-k", type=int, default=5)
+
+    p = sub.add_parser("replay", help="send a run's tracking journal (writes an unreachable MLflow server missed)")
+    p.add_argument("journal", type=Path, help="the journal file (tracking-journal.jsonl beside the run's checkpoints)")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to keep trying (default 60)")
 
     p = sub.add_parser("backbones", help="list each backbone's tap names with channels and stride")
     p.add_argument("--image-size", type=int, default=224, help="input side used to read the strides (default 224)")
@@ -134,16 +139,15 @@ def demo_variants(cfg: Config) -> dict[str, Config]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.data import shards
-    from pipeline.launch import check_model, resolve_paths, train_and_evaluate
+    from pipeline.launch import check_config, prepare, resolve_paths, train_and_evaluate
     from pipeline.variants import slug
 
     cfg = config_mod.load(args.config, args.overrides)
     variants = demo_variants(cfg)
     for v in variants.values():
-        check_model(resolve_paths(v))
+        check_config(resolve_paths(v), args.local)
     started = time.perf_counter()
-    manifest = shards.ensure(resolve_paths(cfg).data)
+    _, _, manifest = prepare(variants["+both"], args.local)  # tracking, data checks, then the shards
     test = manifest["splits"]["test"]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = {}
@@ -210,7 +214,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             uri, cfg.tracking.experiment, f"eval-{Path(checkpoint).name}",
             tags={"evaluates": str(Path(checkpoint).resolve())})
         log_evaluation(tracker, ev, manifest, cfg.data.root, args.split, plots=not args.no_plots,
-                       seed=cfg.train.seed)
+                       seed=cfg.train.seed, image_size=cfg.data.image_size)
         if not args.run:
             tracker.end()
     print(_format_metrics_table({args.split: ev.metrics}))
@@ -275,6 +279,17 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from pipeline.tracking import replay_journal
+
+    if not args.journal.is_file():
+        raise FileNotFoundError(f"no journal at {args.journal}")
+    sent, left = replay_journal(args.journal, args.wait)
+    print(f"sent {sent} tracking writes" + (f"; {left} still unsent (the server did not answer): {args.journal}"
+                                            if left else ""))
+    return 1 if left else 0
+
+
 def cmd_backbones(args: argparse.Namespace) -> int:
     from pipeline.model.backbone import BACKBONES, Backbone
 
@@ -289,11 +304,17 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "demo": cmd_demo, "shards": cmd_shards, "backbones": cmd_backbones, "eval": cmd_eval,
             "tune": cmd_tune, "package": cmd_package, "query": cmd_query,
-            "ablate": cmd_ablate}
+            "ablate": cmd_ablate, "replay": cmd_replay}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.tracking import fail_fast_http
+
     args = _parser().parse_args(argv)
+    fail_fast_http()
+    from pipeline.launch import interrupt_on_sigterm
+
+    interrupt_on_sigterm()  # SIGTERM ends a run as Ctrl-C does: KILLED, Ray shut down
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.DEBUG if args.verbose else logging.INFO)
@@ -305,17 +326,25 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"gdml: {err}", file=sys.stderr)
         return 2
-    except RuntimeError as err:
-        from pipeline.data.shards import ShardBuildError
-        from pipeline.tracking import TrackingUnavailable
-
-        if not isinstance(err, (TrackingUnavailable, ShardBuildError)):
-            raise
-        print(f"gdml: {err}", file=sys.stderr)
-        return 2 if isinstance(err, TrackingUnavailable) else 1
+    except GdmlError as err:
+        print(f"gdml: {' '.join(str(err).split())}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
-        print("gdml: interrupted", file=sys.stderr)
+        print("gdml: interrupted; the MLflow run is marked KILLED, and running it again with the same "
+              "train.name resumes it from its last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        _shutdown_ray()
+
+
+def _shutdown_ray() -> None:
+    """Ray started by this process (training, sweeps) goes down with it, also on Ctrl-C or SIGTERM."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
 
 
 if __name__ == "__main__":

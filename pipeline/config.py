@@ -248,13 +248,18 @@ class FaultConfig(_Section):
     crash_step: int | None = Field(None, ge=1)
     """Kill worker ``crash_rank`` (its process exits) when it reaches this global step."""
     nan_step: int | None = Field(None, ge=1)
-    """Make the loss NaN at this global step (on every rank)."""
+    """Make the loss NaN at this global step."""
+    nan_rank: int | None = Field(None, ge=0)
+    """Only on this rank (None: on every rank); the others must then skip or stop alike."""
 
 
 class EvalConfig(_Section):
     recall_at: list[int] = [1, 2, 4, 8]
     """K of Recall@K (positive, at least one)."""
     batch_size: int = Field(256, ge=1)
+    gap_images: int = Field(512, ge=0)
+    """Every epoch, Recall@1 and MAP@R on a fixed sample of this many seen-class images beside held-out classes
+    (the generalisation gap, ``gap/*``); 0: off."""
     engine: str = "auto"
     """How the metrics search: ranks (exact ranks of relevant items in one fused CPU pass), knn (FAISS k-NN
     lists, on the GPU where there is one); auto: knn with a CUDA device, else ranks. Same numbers."""
@@ -280,6 +285,10 @@ class TrackingConfig(_Section):
     experiment: str = "gdml"
     required: bool = True
     """An unreachable tracking server stops the run before training; false: warn loudly and train untracked."""
+    outage_wait: float = Field(120.0, ge=0.0)
+    """A server that went away during the run: how many seconds the end of the run waits for it to answer again
+    before leaving the unsent writes in the run's journal (``gdml replay`` sends them later). Training itself
+    never waits."""
 
 
 class Config(_Section):

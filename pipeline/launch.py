@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import tracking
-from pipeline.checkpoint import latest_checkpoint
+from pipeline.checkpoint import latest_checkpoint, load_latest
 from pipeline.config import Config, ConfigError
 from pipeline.data import shards
+from pipeline.errors import GdmlError, TrainingFailed
 from pipeline.paths import absolute, is_remote
 from pipeline.variants import variant_of
 
@@ -63,6 +64,32 @@ def check_model(cfg: Config) -> None:
     pretrained = cfg.model.pretrained
     if pretrained and pretrained != "imagenet" and not Path(pretrained).is_file():
         raise ConfigError(f"model.pretrained: {pretrained} does not exist (expected 'imagenet' or a weights file)")
+    if pretrained == "imagenet":
+        from pipeline.model.backbone import BACKBONES
+
+        problem = BACKBONES[cfg.model.backbone].imagenet_problem()
+        if problem:
+            raise ConfigError(f"model.pretrained: imagenet for {cfg.model.backbone}: {problem}")
+
+
+def check_config(cfg: Config, local: bool) -> None:
+    """Every check that needs no data, before any work: model, loss, weights, device, where checkpoints go."""
+    check_model(cfg)
+    check_device(cfg, local)
+    if local and is_remote(cfg.train.storage_path):
+        raise ConfigError(f"train.storage_path: local mode keeps checkpoints on a local path, got "
+                          f"{cfg.train.storage_path}")
+
+
+def prepare(cfg: Config, local: bool) -> tuple[Config, str | None, dict[str, Any]]:
+    """Everything before training, in the order that does no work before it is known to be worth it: config
+    checks, the tracking server, the data checks (on the shards, or on the plan of those to build), then the
+    shards. (resolved config, tracking URI or None, manifest)."""
+    cfg = resolve_paths(cfg)
+    check_config(cfg, local)
+    uri = open_tracking(cfg)
+    check_data(cfg, shards.current_or_planned(cfg.data), 1 if local else cfg.train.workers)
+    return cfg, uri, shards.ensure(cfg.data)
 
 
 def check_device(cfg: Config, local: bool) -> None:
@@ -120,12 +147,33 @@ def _use_gpu(cfg: Config) -> bool:
     return bool(ray.cluster_resources().get("GPU", 0))
 
 
+_INTERRUPT_ON_SIGTERM = False
+
+
+def _terminate(signum: int, frame) -> None:  # noqa: ANN001 - signal handler signature
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM ends a run as Ctrl-C does (the MLflow run KILLED, Ray shut down). Ray's driver installs its own
+    handler when it starts (which aborts the process), so ``init_ray`` puts this one back."""
+    global _INTERRUPT_ON_SIGTERM
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+        _INTERRUPT_ON_SIGTERM = True
+
+
 def init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        if _INTERRUPT_ON_SIGTERM:
+            interrupt_on_sigterm()
 
 
 def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress: bool = True,
@@ -135,7 +183,7 @@ def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress
     A run whose storage already holds checkpoints (the same ``name``) resumes from the newest one.
     ``extra`` adds keys to the worker's config (e.g. ``trace_dir``, see ``pipeline.train``).
     """
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     from pipeline.train import train_loop_per_worker
@@ -143,14 +191,13 @@ def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress
     storage = cfg.train.storage_path
     resume_from = latest_checkpoint(storage, name)
     loop_config = {"cfg": cfg.to_dict(), "mlflow_uri": tracker.uri, "mlflow_run_id": tracker.run_id,
-                   "progress": progress, "name": name, "local": local, **(extra or {})}
+                   "progress": progress, "name": name, "local": local, "journal_dir": str(journal_dir(cfg, name)),
+                   **(extra or {})}
     if resume_from:
         log.info("resuming %s from %s", name, resume_from)
     if not is_remote(storage):
         loop_config["fault_marker"] = str(Path(storage) / name / ".fault-injected")
     if local:
-        if is_remote(storage):
-            raise ConfigError(f"train.storage_path: local mode keeps checkpoints on a local path, got {storage}")
         loop_config["checkpoint_root"] = str(Path(storage) / name)
         scaling = ScalingConfig(num_workers=0)
     else:
@@ -167,7 +214,10 @@ def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress
                              callbacks=callbacks or [],
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as err:
+        raise TrainingFailed(describe_failure(err, cfg, name)) from None
     if is_remote(storage):  # evaluation and MLflow read a local copy
         checkpoint = result.checkpoint.to_directory() if result.checkpoint is not None else None
     else:
@@ -178,6 +228,73 @@ def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress
     if result.metrics_dataframe is not None:
         history = result.metrics_dataframe.to_dict("records")
     return checkpoint, history
+
+
+def describe_failure(err: Exception, cfg: Config, name: str) -> str:
+    """One line: what failed on which rank, how often Ray Train restarted, and the checkpoint to resume from."""
+    failures = getattr(err, "worker_failures", None) or {}
+    causes = []
+    for rank, failure in sorted(failures.items()):
+        cause = getattr(failure, "cause", None) or failure
+        if isinstance(cause, GdmlError):
+            causes.append(f"rank {rank}: {cause}")
+        elif "died" in str(cause).lower() or any(word in type(cause).__name__ for word in ("Died", "HealthCheck")):
+            causes.append(f"rank {rank}: its process died (killed, or out of memory)")
+        else:
+            lines = [line for line in str(cause).splitlines() if line.strip()]
+            causes.append(f"rank {rank}: {type(cause).__name__}: {lines[-1] if lines else ''}")
+    if not causes:
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        causes.append(lines[-1] if lines else type(err).__name__)
+    latest = load_latest(cfg.train.storage_path, name)
+    if latest:
+        resume = (f"the last checkpoint is {latest[0]} (epoch {latest[1]['epoch']}); run again with "
+                  f"--set train.name={name} to resume from it")
+    else:
+        resume = f"no checkpoint was written; run again with --set train.name={name} to start over"
+    message = (f"training {name} failed after {cfg.train.max_failures} restart(s) allowed by train.max_failures: "
+               f"{'; '.join(causes)}; {resume}")
+    return " ".join(message.split())
+
+
+def journal_dir(cfg: Config, name: str) -> Path:
+    """Where a run keeps the tracking writes its server has not taken yet: beside its checkpoints (local storage),
+    else in the temp folder of the machine that runs the driver."""
+    import tempfile
+
+    storage = cfg.train.storage_path
+    return Path(tempfile.gettempdir()) / "gdml-journals" / name if is_remote(storage) else Path(storage) / name
+
+
+def log_training_curves(tracker: tracking.Tracker, cfg: Config) -> None:
+    """Per-epoch figures from the run's MLflow history: the generalisation gap and the adversary's state."""
+    if not tracker.enabled:
+        return
+    from matplotlib import pyplot as plt
+
+    from pipeline.evaluation.plots import epoch_curves
+
+    keys = ["gap/seen_recall_at_1", "gap/unseen_recall_at_1", "gap/seen_map_at_r", "gap/unseen_map_at_r",
+            "adv_acc", "adv_chance", "adv_lambda", "adv_grad_ratio"]
+    try:
+        history = {k: [(m.step, m.value) for m in sorted(tracker.client.get_metric_history(tracker.run_id, k),
+                                                          key=lambda m: m.step)] for k in keys}
+    except Exception as err:  # noqa: BLE001 - the curves are drawn from MLflow's history; without it, none
+        log.warning("per-epoch figures left out: MLflow's history is not readable (%s)", type(err).__name__)
+        return
+    figures = []
+    if history["gap/seen_recall_at_1"]:
+        figures.append(("generalisation_gap", epoch_curves(
+            history, [("Recall@1", keys[0:2]), ("MAP@R", keys[2:4])],
+            "seen classes vs held-out classes, per epoch (the gap is their difference)")))
+    if history["adv_acc"]:
+        figures.append(("adversary", epoch_curves(
+            history, [("head accuracy on training classes", ["adv_acc", "adv_chance"]), ("lambda", ["adv_lambda"]),
+                      ("|reversed gradient| / |metric-loss gradient|", ["adv_grad_ratio"])],
+            "the class adversary, per epoch")))
+    for name, fig in figures:
+        tracker.log_figure(fig, f"plots/{name}.png")
+        plt.close(fig)
 
 
 def open_tracking(cfg: Config) -> str | None:
@@ -205,26 +322,33 @@ def run_name(cfg: Config, variant: str | None = None) -> str:
 def train_and_evaluate(cfg: Config, local: bool = False, name: str | None = None, progress: bool = True,
                        tags: dict[str, str] | None = None, plots: bool = True) -> RunResult:
     """One training run followed by its zero-shot evaluation, all logged to one MLflow run."""
-    cfg = resolve_paths(cfg)
-    check_model(cfg)
-    check_device(cfg, local)
-    uri = open_tracking(cfg)
-    manifest = shards.ensure(cfg.data)
-    check_data(cfg, manifest, 1 if local else cfg.train.workers)
+    cfg, uri, manifest = prepare(cfg, local)
     variant = variant_of(cfg)
     name = name or run_name(cfg, variant)
     from pipeline.evaluation.run import evaluate_checkpoint, log_evaluation
 
-    with tracking.Tracker.open(uri, cfg.tracking.experiment, name,
+    journal = journal_dir(cfg, name)
+    with tracking.Tracker.open(uri, cfg.tracking.experiment, name, journal_dir=journal,
                                tags={"variant": variant, "mode": "local" if local else "ray", **(tags or {})}) as tracker:
+        from pipeline.evaluation.diagnostics import unseen_source
+
         tracker.log_params(cfg.flat())
+        tracker.log_params({"gap.unseen": unseen_source(manifest, cfg.train.val_fraction, cfg.eval.gap_images)})
         tracker.log_dict(cfg.to_dict(), "config.yaml")
         started = time.perf_counter()
         checkpoint, _ = fit(cfg, tracker, name, local, progress)
         seconds = time.perf_counter() - started
+        tracker.adopt(journal / tracking.WORKER_JOURNAL)  # what the training worker could not send
         ev = evaluate_checkpoint(checkpoint, cfg, manifest, "test", progress)
         tracker.log_params({"runtime.eval_device": ev.device})
         tracker.log_metrics({"train_seconds": seconds})
-        log_evaluation(tracker, ev, manifest, cfg.data.root, "test", plots=plots, seed=cfg.train.seed)
+        log_evaluation(tracker, ev, manifest, cfg.data.root, "test", plots=plots, seed=cfg.train.seed,
+                       image_size=cfg.data.image_size)
+        if plots:
+            log_training_curves(tracker, cfg)
         tracker.log_artifacts(checkpoint, "checkpoint")
+    if tracker.unsent() and tracker.replay(cfg.tracking.outage_wait):
+        log.warning("MLflow at %s did not answer: %d writes of this run are in %s; `gdml replay %s` sends them "
+                    "(the checkpoint is safe in %s)", uri, tracker.unsent(), tracker.journal.path,
+                    tracker.journal.path, checkpoint)
     return RunResult(name, tracker.run_id, tracker.uri, checkpoint, ev.metrics, seconds)

@@ -4,6 +4,13 @@ One style: a :class:`Tracker` (one run, through ``MlflowClient``) for everything
 functions for what is not about one run (finding runs, checking a server). The only fluent MLflow call in
 gdml is ``mlflow.pyfunc.log_model``, which has no client form; :meth:`Tracker.active` bridges to it.
 
+Training never waits on tracking. The training worker's tracker sends from a background thread
+(``background=True``); what a server that went away could not take is kept, in order, in a journal file beside
+the run's checkpoints (one warning line), and sent when the server answers again. At the end of a run the driver
+waits up to ``tracking.outage_wait`` seconds for the server and replays the journal; an epoch already logged is
+never logged twice. What is still unsent stays in the journal: ``gdml replay JOURNAL`` sends it later. gdml's
+processes ask MLflow's HTTP client to fail fast (``fail_fast_http``), since these retries are gdml's own.
+
 Default store: ``sqlite:///<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlruns`` (absolute, so Ray workers,
 which run in their own directories, write to the same place); ``MLFLOW_TRACKING_URI`` or
 ``tracking.uri`` point elsewhere (a team server: ``http://host:5000``).
@@ -12,15 +19,31 @@ which run in their own directories, write to the same place); ``MLFLOW_TRACKING_
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import TrackingConfig
+from pipeline.errors import GdmlError
 
 PARAM_LIMIT = 6000  # MLflow's longest parameter value
+JOURNAL = "tracking-journal.jsonl"
+WORKER_JOURNAL = "tracking-journal-worker.jsonl"
+
+log = logging.getLogger(__name__)
+
+
+def fail_fast_http() -> None:
+    """MLflow's HTTP client retries a dead server for minutes (7 retries with back-off), blocking its caller;
+    gdml queues and retries itself, so its processes ask for a quick failure instead."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def resolve_uri(cfg: TrackingConfig) -> str:
@@ -73,7 +96,8 @@ def download_checkpoint(uri: str, run_id: str, dst: str | Path) -> str:
     try:
         return download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=str(dst), tracking_uri=uri)
     except MlflowException as err:
-        raise FileNotFoundError(f"--run {run_id}: no checkpoint artifact in {uri} ({str(err).splitlines()[0]})") from None
+        first = str(err).splitlines()[0]
+        raise FileNotFoundError(f"--run {run_id}: no checkpoint artifact in {uri} ({first})") from None
 
 
 def ui_hint(uri: str) -> str:
@@ -82,8 +106,10 @@ def ui_hint(uri: str) -> str:
     return f"open {uri} in a browser"
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(GdmlError):
     """The tracking server did not answer at start."""
+
+    exit_code = 2
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> str | None:
@@ -100,16 +126,109 @@ def check_reachable(uri: str, timeout: float = 5.0) -> str | None:
     return None
 
 
+class _Journal:
+    """Operations not sent yet, in order, one JSON object per line."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def write(self, ops: list[dict[str, Any]]) -> None:
+        """The journal holds exactly ``ops`` (written atomically; removed when empty)."""
+        if not ops:
+            self.path.unlink(missing_ok=True)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(op) + "\n" for op in ops))
+        os.replace(tmp, self.path)
+
+
+class _Sender(threading.Thread):
+    """Sends a tracker's operations in order from a background thread. While sending fails, the unsent ones are
+    the journal's content, and sending is tried again every ``retry`` seconds and on every new operation."""
+
+    def __init__(self, tracker: "Tracker", retry: float = 5.0) -> None:
+        super().__init__(daemon=True, name="gdml-tracking")
+        self.tracker, self.retry = tracker, retry
+        self.inbox: queue.Queue = queue.Queue()
+        self.pending: list[dict[str, Any]] = []
+        self.done = threading.Condition()
+        self.failing = False
+
+    def put(self, op: dict[str, Any]) -> None:
+        self.inbox.put(op)
+
+    def unsent(self) -> int:
+        return len(self.pending) + self.inbox.qsize()
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.pending.append(self.inbox.get(timeout=self.retry if self.pending else None))
+                while not self.inbox.empty():
+                    self.pending.append(self.inbox.get_nowait())
+            except queue.Empty:
+                pass
+            self._send()
+            with self.done:
+                self.done.notify_all()
+
+    def _send(self) -> None:
+        while self.pending:
+            try:
+                self.tracker.apply(self.pending[0])
+            except Exception as err:  # noqa: BLE001 - whatever failed, keep it for later
+                self.tracker.journal.write(self.pending)
+                if not self.failing:
+                    log.warning("MLflow tracking at %s failed (%s); training goes on, unsent entries wait in %s and "
+                                "are sent when it answers again", self.tracker.uri, type(err).__name__,
+                                self.tracker.journal.path)
+                self.failing = True
+                return
+            self.pending.pop(0)
+        if self.failing:
+            self.tracker.journal.write([])
+            log.warning("MLflow tracking at %s answers again: the queued entries were sent", self.tracker.uri)
+            self.failing = False
+
+    def wait(self, timeout: float) -> bool:
+        """Until everything queued is sent, or ``timeout`` seconds; True if everything was sent."""
+        deadline = time.monotonic() + timeout
+        with self.done:
+            while self.unsent():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.done.wait(min(left, self.retry))
+        return True
+
+
 class Tracker:
     """One MLflow run, or nothing at all when tracking is off (every call is then a no-op).
+
+    With ``journal_dir`` the tracker never raises on a failed send: in ``background`` mode it queues every write
+    for a sending thread (training never waits), otherwise it sends at once and keeps what fails; either way the
+    unsent writes, in order, are the journal ``journal_dir/<journal_name>`` until they go through (``close``
+    waits a while for that; ``gdml replay`` sends a journal later).
 
     As a context manager it ends the run: FINISHED, KILLED on an interrupt (Ctrl-C, SIGTERM), FAILED on any
     other error.
     """
 
-    def __init__(self, uri: str | None, run_id: str | None) -> None:
+    def __init__(self, uri: str | None, run_id: str | None, journal_dir: str | Path | None = None,
+                 background: bool = False, journal_name: str = JOURNAL) -> None:
         self.uri, self.run_id = uri, run_id
         self._mlflow = None
+        self.journal = _Journal(Path(journal_dir) / journal_name) if journal_dir and self.enabled else None
+        self._sender = None
+        if self.journal is not None and background:
+            self._sender = _Sender(self)
+            self._sender.start()
 
     @property
     def enabled(self) -> bool:
@@ -122,25 +241,27 @@ class Tracker:
         return self._mlflow
 
     @classmethod
-    def start(cls, uri: str | None, experiment: str, name: str, tags: dict[str, str] | None = None) -> "Tracker":
+    def start(cls, uri: str | None, experiment: str, name: str, tags: dict[str, str] | None = None,
+              **kwargs: Any) -> "Tracker":
         """A new run."""
         if uri is None:
             return cls(None, None)
         run = _client(uri).create_run(experiment_id(uri, experiment), run_name=name,
                                       tags={**(tags or {}), "gdml.run_name": name})
-        return cls(uri, run.info.run_id)
+        return cls(uri, run.info.run_id, **kwargs)
 
     @classmethod
-    def open(cls, uri: str | None, experiment: str, name: str, tags: dict[str, str] | None = None) -> "Tracker":
+    def open(cls, uri: str | None, experiment: str, name: str, tags: dict[str, str] | None = None,
+             **kwargs: Any) -> "Tracker":
         """Continue the run of this name if the experiment has one (a resumed training), else start one."""
         if uri is None:
             return cls(None, None)
         found = find_runs(uri, experiment, f"tags.`gdml.run_name` = '{name}'")
         if found:
-            tracker = cls(uri, found[0].info.run_id)
+            tracker = cls(uri, found[0].info.run_id, **kwargs)
             tracker.client.update_run(tracker.run_id, status="RUNNING")
             return tracker
-        return cls.start(uri, experiment, name, tags)
+        return cls.start(uri, experiment, name, tags, **kwargs)
 
     def __enter__(self) -> "Tracker":
         return self
@@ -154,10 +275,97 @@ class Tracker:
             self.end("FAILED")
         return False
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        """Log params; in a continued run, params cannot change: changed values are kept as tags instead."""
+    # -- sending ------------------------------------------------------------------------------------------------
+
+    def _do(self, op: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        op = {**op, "uri": self.uri, "run_id": self.run_id}  # a journal line says where it goes
+        if self._sender is not None:
+            self._sender.put(op)
+            return
+        if self.journal is None:
+            self.apply(op)
+            return
+        unsent = self.journal.read()
+        if unsent:  # still failing earlier: keep the order
+            self.journal.write([*unsent, op])
+            return
+        try:
+            self.apply(op)
+        except Exception as err:  # noqa: BLE001 - keep it for later
+            self.journal.write([op])
+            log.warning("MLflow tracking at %s failed (%s); unsent entries wait in %s", self.uri, type(err).__name__,
+                        self.journal.path)
+
+    def apply(self, op: dict[str, Any]) -> None:
+        """Send one operation now (raises if MLflow does not take it)."""
+        kind, client = op["op"], self.client
+        if kind == "metrics":
+            from mlflow.entities import Metric
+
+            if op.get("once") and op["metrics"] and op["step"] in self.logged_steps(next(iter(op["metrics"]))):
+                return  # this epoch is in MLflow already (a resent or replayed entry)
+            client.log_batch(self.run_id, metrics=[Metric(k, float(v), op["ts"], op["step"])
+                                                   for k, v in op["metrics"].items()])
+        elif kind == "params":
+            self._log_params_now(op["params"])
+        elif kind == "tags":
+            for key, value in op["tags"].items():
+                client.set_tag(self.run_id, key, value)
+        elif kind == "text":
+            client.log_text(self.run_id, op["text"], op["artifact_file"])
+        elif kind == "artifact":
+            client.log_artifact(self.run_id, op["local_path"], op["artifact_path"] or None)
+        elif kind == "artifacts":
+            client.log_artifacts(self.run_id, op["local_dir"], op["artifact_path"])
+        elif kind == "end":
+            client.set_terminated(self.run_id, status=op["status"])
+        else:
+            raise ValueError(f"unknown tracking operation {kind!r}")
+
+    def unsent(self) -> int:
+        """Writes not in MLflow yet (queued, or in the journal)."""
+        if self._sender is not None:
+            return self._sender.unsent()
+        return len(self.journal.read()) if self.journal is not None else 0
+
+    def close(self, timeout: float = 0.0) -> bool:
+        """Wait up to ``timeout`` seconds for everything to be sent; True if it was."""
+        if self._sender is not None:
+            return self._sender.wait(timeout)
+        return self.replay(timeout) == 0
+
+    def adopt(self, journal_path: Path) -> int:
+        """Take over the unsent writes of another journal (the training worker's), in order; how many."""
+        ops = _Journal(journal_path).read()
+        for op in ops:
+            self._do(op)
+        journal_path.unlink(missing_ok=True)
+        return len(ops)
+
+    def replay(self, timeout: float = 0.0, retry: float = 3.0) -> int:
+        """Send this tracker's journal, trying for up to ``timeout`` seconds; how many writes are still unsent."""
+        if self.journal is None:
+            return 0
+        deadline = time.monotonic() + timeout
+        ops = self.journal.read()
+        while ops:
+            try:
+                self.apply(ops[0])
+            except Exception:  # noqa: BLE001
+                self.journal.write(ops)
+                if time.monotonic() + retry > deadline:
+                    return len(ops)
+                time.sleep(retry)
+                continue
+            ops.pop(0)
+        self.journal.write([])
+        return 0
+
+    # -- what a run logs ----------------------------------------------------------------------------------------
+
+    def _log_params_now(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         old = self.client.get_run(self.run_id).data.params
@@ -168,13 +376,14 @@ class Tracker:
             if key in old and old[key] != str(value)[:PARAM_LIMIT]:
                 self.client.set_tag(self.run_id, f"resumed_with.{key}", f"{old[key]} -> {value}")
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if not self.enabled:
-            return
-        from mlflow.entities import Metric
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params; in a continued run, params cannot change: changed values are kept as tags instead."""
+        self._do({"op": "params", "params": {k: str(v)[:PARAM_LIMIT] for k, v in params.items()}})
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, once: bool = False) -> None:
+        """``once``: skipped if MLflow already holds this step (an epoch resent after a restart)."""
+        self._do({"op": "metrics", "metrics": {k: float(v) for k, v in metrics.items()}, "step": step or 0,
+                  "ts": int(time.time() * 1000), "once": once})
 
     def logged_steps(self, key: str) -> set[int]:
         if not self.enabled:
@@ -182,25 +391,38 @@ class Tracker:
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        if self.enabled:
-            for key, value in tags.items():
-                self.client.set_tag(self.run_id, key, value)
+        self._do({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
-        if self.enabled:
-            self.client.log_dict(self.run_id, data, artifact_file)
+        import yaml
+
+        text = yaml.safe_dump(data, sort_keys=False) if artifact_file.endswith((".yaml", ".yml")) else \
+            json.dumps(data, indent=1)
+        self.log_text(text, artifact_file)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        if self.enabled:
-            self.client.log_text(self.run_id, text, artifact_file)
+        self._do({"op": "text", "text": text, "artifact_file": artifact_file})
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
-        if self.enabled:
-            self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+        self._do({"op": "artifacts", "local_dir": str(local_dir), "artifact_path": artifact_path})
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        if self.enabled:
-            self.client.log_figure(self.run_id, figure, artifact_file)
+        """A matplotlib figure as a PNG artifact (written to a file first, so that it can wait in the journal)."""
+        if not self.enabled:
+            return
+        import tempfile
+
+        folder = Path(artifact_file).parent
+        op = {"op": "artifact", "artifact_path": "" if folder == Path(".") else str(folder)}
+        if self.journal is None:  # sent at once: the file need not outlive this call
+            with tempfile.TemporaryDirectory(prefix="gdml-figure-") as tmp:
+                figure.savefig(Path(tmp) / Path(artifact_file).name)
+                self._do({**op, "local_path": str(Path(tmp) / Path(artifact_file).name)})
+            return
+        local = self.journal.path.parent / "figures" / Path(artifact_file).name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(local)
+        self._do({**op, "local_path": str(local)})
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -213,5 +435,15 @@ class Tracker:
             yield
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.enabled:
-            self.client.set_terminated(self.run_id, status=status)
+        self._do({"op": "end", "status": status})
+
+
+def replay_journal(path: str | Path, timeout: float = 60.0) -> tuple[int, int]:
+    """Send a journal's writes to where they were going; (sent, still unsent)."""
+    path = Path(path)
+    ops = _Journal(path).read()
+    if not ops:
+        return 0, 0
+    tracker = Tracker(ops[0]["uri"], ops[0]["run_id"], journal_dir=path.parent, journal_name=path.name)
+    left = tracker.replay(timeout)
+    return len(ops) - left, left

@@ -3,12 +3,13 @@
 Ray Train runs it on every DDP rank; local mode (``ScalingConfig(num_workers=0)``) runs the very same
 function in the driver process. The driver (``pipeline.launch``) passes a plain dict:
 
-- ``cfg``: the resolved config; ``mlflow_uri`` / ``mlflow_run_id``: where rank 0 logs (None: untracked);
+- ``cfg``: the resolved config; ``mlflow_uri`` / ``mlflow_run_id``: where rank 0 logs (None: untracked), from a
+  background thread that never makes training wait; ``journal_dir``: where what it cannot send yet is kept;
 - ``name``: the run's name; its checkpoints live in ``train.storage_path/name``;
 - ``checkpoint_root``: local mode only, where checkpoints are written (Ray Train persists them otherwise);
 - ``fault_marker``: a file that makes each injected fault happen once per run;
-- ``trace_dir`` (tests): each rank writes the labels of every batch it trained on there, and the devices its
-  parameters and batches were on;
+- ``trace_dir`` (tests): each rank writes there the labels of every batch it trained on, the devices its
+  parameters and batches were on, its process id, and each epoch it completed;
 - ``synthetic_batches`` (benchmarks): train on this many fixed random batches held in device memory instead of
   the stream, to measure the training path without data loading.
 
@@ -38,8 +39,9 @@ import torch.distributed as dist
 from pipeline.checkpoint import (
     NonFiniteLoss,
     checkpoint_dir_name,
-    latest_checkpoint,
     load_checkpoint,
+    load_latest,
+    rng_state,
     save_checkpoint,
     set_rng_state,
 )
@@ -58,7 +60,7 @@ from pipeline.model.adversary import adversary_lambda
 from pipeline.model.embedder import Embedder
 from pipeline.objectives import MetricLoss, TrainModule
 from pipeline.runtime import Runtime, worker_runtime
-from pipeline.tracking import Tracker
+from pipeline.tracking import WORKER_JOURNAL, Tracker, fail_fast_http
 
 EPOCH_SUMS = ("loss", "loss_dml", "loss_adv", "adv_acc", "adv_grad_norm", "dml_grad_norm")
 
@@ -172,7 +174,9 @@ def setup_worker(config: dict[str, Any]) -> Worker:
     # The whole module (backbone, attention, embedding, adversary, the loss's proxies) on the one device.
     module = TrainModule(embedder, MetricLoss(cfg.loss, num_train_classes, cfg.model.embedding_size, world))
     module = module.to(run.device, memory_format=torch.channels_last if run.channels_last else torch.preserve_format)
-    tracker = Tracker(config.get("mlflow_uri"), config.get("mlflow_run_id")) if rank == 0 else Tracker(None, None)
+    fail_fast_http()
+    tracker = Tracker(config.get("mlflow_uri"), config.get("mlflow_run_id"), journal_dir=config.get("journal_dir"),
+                      background=True, journal_name=WORKER_JOURNAL) if rank == 0 else Tracker(None, None)
     if rank == 0:
         tracker.log_params({"runtime.device": str(run.device), "runtime.describe": run.describe(),
                             "runtime.world_size": world, "runtime.loader_workers": loader_workers})
@@ -217,9 +221,9 @@ def resume(w: Worker) -> tuple[int, int]:
     if restarted is not None:
         with restarted.as_directory() as directory:
             candidates.append(load_checkpoint(directory))
-    stored = latest_checkpoint(w.cfg.train.storage_path, w.config["name"]) if w.config.get("name") else None
+    stored = load_latest(w.cfg.train.storage_path, w.config["name"]) if w.config.get("name") else None
     if stored is not None:
-        candidates.append(load_checkpoint(stored))
+        candidates.append(stored[1])
     if not candidates:
         return 0, 0
     state = max(candidates, key=lambda s: s["epoch"])
@@ -227,14 +231,15 @@ def resume(w: Worker) -> tuple[int, int]:
     w.module.metric_loss.load_state_dict(state["loss"])
     w.optimizer.load_state_dict(state["optimizer"])
     w.scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
+    per_rank = state.get("rng_per_rank") or []
+    set_rng_state(per_rank[w.rank] if len(per_rank) == w.world else state["rng"])  # each rank its own RNG
     w.skipped_steps = int(state["metrics"].get("skipped_steps", 0))
     loop = state.get("loop", {})
     w.ramp_steps = int(loop.get("ramp_steps", w.ramp_steps))
     w.adv_acc_ema, w.warmup_done_at = loop.get("adv_acc_ema"), loop.get("warmup_done_at")
-    # Exactly once: the epoch of this checkpoint was reported; log its metrics if the crash came first.
-    if state["epoch"] not in w.tracker.logged_steps("loss"):
-        w.tracker.log_metrics(_mlflow_metrics(state["metrics"]), step=state["epoch"])
+    # Exactly once: the epoch of this checkpoint was reported; its metrics are logged unless MLflow has them
+    # (the crash may have come between the checkpoint and the log).
+    w.tracker.log_metrics(_mlflow_metrics(state["metrics"]), step=state["epoch"], once=True)
     return state["epoch"], state["step"]
 
 
@@ -288,7 +293,7 @@ def train_step(w: Worker, images: torch.Tensor, labels: torch.Tensor, lam: float
         loss_dml, loss_adv, logits = w.ddp_module(images, labels, lam)
     loss_dml = loss_dml.float()
     loss = loss_dml if loss_adv is None else loss_dml + loss_adv.float()
-    if w.cfg.fault.nan_step == global_step:
+    if w.cfg.fault.nan_step == global_step and w.cfg.fault.nan_rank in (None, w.rank):
         loss = loss * float("nan")
     w.optimizer.zero_grad(set_to_none=True)
     w.scaler.scale(loss).backward()  # under DDP the gradients are all-reduced here: the same on every rank
@@ -382,35 +387,54 @@ def train_epoch(w: Worker, epoch: int, step: int) -> tuple[dict[str, float], int
 
 
 def validate(w: Worker) -> dict[str, float]:
-    """``val/*`` metrics on the held-out training classes: computed once, on rank 0 (the others wait at the
-    report that follows)."""
-    if not w.val_classes or w.rank != 0:
+    """On rank 0 (the others wait at the report that follows): ``val/*`` metrics on the held-out training classes,
+    and the generalisation gap (``gap/*``: seen classes beside held-out ones)."""
+    if w.rank != 0:
         return {}
+    from pipeline.evaluation.diagnostics import gap_metrics
     from pipeline.evaluation.embed import model_device
     from pipeline.evaluation.run import validation_metrics
 
     w.validation_device = str(model_device(w.module.embedder))
-    return validation_metrics(w.module.embedder, w.manifest, w.cfg.data.root, w.val_classes, w.cfg.eval,
-                              w.cfg.data.image_size, w.cfg.train.seed)
+    out = {}
+    if w.val_classes:
+        out = validation_metrics(w.module.embedder, w.manifest, w.cfg.data.root, w.val_classes, w.cfg.eval,
+                                 w.cfg.data.image_size, w.cfg.train.seed)
+    if w.cfg.eval.gap_images:
+        out.update(gap_metrics(w.module.embedder, w.manifest, w.cfg.data.root, w.cfg.eval, w.cfg.data.image_size,
+                               w.cfg.train.seed, w.val_classes, out))
+    w.module.train()
+    return out
+
+
+def _gather_rng(w: Worker) -> list[dict[str, Any]]:
+    """Every rank's RNG state (rank 0 gets the list): a rank's dropout masks follow its own RNG."""
+    if not w.distributed:
+        return [rng_state()]
+    states: list[Any] = [None] * w.world
+    dist.all_gather_object(states, rng_state())
+    return states
 
 
 def report(w: Worker, metrics: dict[str, float], epoch: int, step: int) -> None:
-    """Every rank reports once per epoch (a barrier); rank 0 attaches the checkpoint, then logs to MLflow
-    (after the checkpoint: see ``resume``)."""
+    """Every rank reports once per epoch (a barrier); rank 0 attaches the checkpoint (with every rank's RNG
+    state), then logs to MLflow (after the checkpoint: see ``resume``)."""
     if w.rank != 0:
+        _gather_rng(w)
         ray.train.report(metrics)
         return
+    rng_per_rank = _gather_rng(w)
     keep = w.config.get("checkpoint_root")  # local mode: checkpoints stay where they are written
     name = checkpoint_dir_name(epoch)
     directory = Path(keep) / name if keep else Path(tempfile.mkdtemp(prefix="gdml-ckpt-")) / name
     save_checkpoint(directory, w.module, w.optimizer, w.scaler, w.cfg, w.num_train_classes, epoch, step, metrics,
                     extra={"runtime": {"device": str(w.device), "describe": w.run.describe(), "world_size": w.world},
-                           "loop": w.resume_state()})
+                           "loop": w.resume_state(), "rng_per_rank": rng_per_rank})
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
                      checkpoint_dir_name=name)
     if not keep:
         shutil.rmtree(directory.parent, ignore_errors=True)
-    w.tracker.log_metrics(_mlflow_metrics(metrics), step=epoch)
+    w.tracker.log_metrics(_mlflow_metrics(metrics), step=epoch, once=True)
 
 
 def _mlflow_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -419,14 +443,20 @@ def _mlflow_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     w = setup_worker(config)
+    trace = Path(config["trace_dir"]) if config.get("trace_dir") else None
+    if trace:
+        (trace / f"rank{w.rank}.pid").write_text(str(os.getpid()))
     first_epoch, step = resume(w)
     distribute(w)
     for epoch in range(first_epoch, w.cfg.train.epochs):
         metrics, step = train_epoch(w, epoch, step)
         metrics.update(validate(w))
         report(w, metrics, epoch + 1, step)
-        if w.config.get("trace_dir"):
+        if trace:
             _trace_devices(w)
+            with (trace / f"rank{w.rank}-epochs.log").open("a") as f:
+                f.write(f"{epoch + 1}\n")
+    w.tracker.close(timeout=10.0)  # what is still unsent stays in the worker's journal: the driver takes it over
 
 
 def _trace_devices(w: Worker) -> None:

@@ -78,8 +78,16 @@ def test_gdml_backbones_lists_taps_with_channels_and_stride(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_validates(path):
+def test_every_shipped_config_validates(path, monkeypatch):
+    """The files themselves: ImageNet weights that this offline machine cannot download are taken as available."""
+    import dataclasses
+
     import yaml
+
+    from pipeline.model.backbone import BACKBONES
+
+    for name, spec in BACKBONES.items():
+        monkeypatch.setitem(BACKBONES, name, dataclasses.replace(spec, imagenet_problem=lambda: None))
 
     if "search" in yaml.safe_load(path.read_text()):
         from tuning import sweep
@@ -116,3 +124,48 @@ def test_metric_order_keeps_every_key():
 def test_recall_at_needs_positive_ks(value):
     with pytest.raises(ConfigError, match="eval.recall_at: expected at least one K"):
         config_mod.load(None, [f"eval.recall_at={value}"])
+
+
+def test_imagenet_weights_that_cannot_be_had_stop_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--set", "model.backbone=bninception",
+                           "--set", "model.pretrained=imagenet", "--set", f"data.root={tmp_path / 'shards'}"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "gdml: config error: model.pretrained: imagenet for bninception: BN-Inception's ImageNet weights do not ship "
+        "in a package; download bn_inception-52deb4733.pth and set model.pretrained to its path"]
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--local", "--set", "train.storage_path=s3://bucket/ray"],
+     "gdml: config error: train.storage_path: local mode keeps checkpoints on a local path, got s3://bucket/ray"),
+    (["--set", "train.val_fraction=0.9999"],
+     "gdml: config error: train.val_fraction=0.9999 holds out 712 of 712 training classes"),
+    (["--set", "train.val_fraction=0.99"],
+     "gdml: config error: sampler.classes_per_batch: 16 classes per batch, but"),
+    (["--set", "sampler.classes_per_batch=400", "--set", "sampler.batch_size=1600"],
+     "gdml: config error: sampler.classes_per_batch: 400 per batch x 2 ranks x 1 loader workers needs at least 800"),
+])
+def test_data_checks_run_on_the_plan_before_shards_are_built(args, expected, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--set", f"data.root={tmp_path / 'shards'}",
+                           "--set", f"train.storage_path={tmp_path / 'ray'}", *args],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(expected), proc.stderr
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "ray").exists()  # no shards, no checkpoints
+    assert not (tmp_path / "mlflow.db").exists()  # nor an MLflow run
+
+
+def test_a_folder_with_one_class_is_one_line_not_a_traceback(tmp_path):
+    from tests.data.test_readers import _jpeg
+
+    _jpeg(tmp_path / "raw" / "only" / "a.jpg", 1)
+    _jpeg(tmp_path / "raw" / "only" / "b.jpg", 2)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "shards", "build", "--source", "folder", "--path",
+                           str(tmp_path / "raw"), "--out", str(tmp_path / "s")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "gdml: config error: data.train_fraction: 0.5 of 1 classes leaves no class for the training or the test "
+        "split (a data set needs at least 2 classes)"]

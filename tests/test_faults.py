@@ -1,5 +1,6 @@
 """Resuming, a lost worker, NaN losses, an unreachable tracking server, and the GPU runtime choice."""
 
+import math
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.checkpoint import NonFiniteLoss, latest_checkpoint, load_checkpoint
+from pipeline.checkpoint import NonFiniteLoss, latest_checkpoint, load_checkpoint, load_latest
 from pipeline.launch import train_and_evaluate
 from pipeline.runtime import Capabilities, choose, decide_device
 from tests.conftest import TINY
@@ -22,46 +23,165 @@ def _history(result, key="loss"):
 
 
 @pytest.mark.slow
-def test_rerun_with_the_same_name_resumes_exactly_and_continues_the_mlflow_run(tiny_cfg):
-    # A constant lambda: the DANN ramp depends on the planned number of epochs, which this test changes.
-    adversary = tiny_cfg.model.adversary.model_copy(update={"schedule": "constant"})
-    tiny_cfg = _with(tiny_cfg, model={"adversary": adversary})
-    straight = train_and_evaluate(_with(tiny_cfg, train={"epochs": 3, "name": "straight"}), local=True,
-                                  progress=False, plots=False)
+def test_more_epochs_on_resume_keep_the_ramp_horizon_and_are_recorded(tiny_cfg):
+    """Resuming with more epochs than planned: the DANN ramp keeps the horizon it started with (lambda stays at its
+    final value after it), so the epochs already run are not changed after the fact; the change is tagged."""
     first = train_and_evaluate(_with(tiny_cfg, train={"epochs": 2, "name": "resumed"}), local=True,
                                progress=False, plots=False)
     second = train_and_evaluate(_with(tiny_cfg, train={"epochs": 3, "name": "resumed"}), local=True,
                                 progress=False, plots=False)
     assert second.run_id == first.run_id  # the same MLflow run continues
     assert _history(second) == [1, 2, 3]  # every epoch logged exactly once
-    a, b = load_checkpoint(straight.checkpoint), load_checkpoint(second.checkpoint)
-    assert b["epoch"] == 3 and b["step"] == a["step"]
-    for key, value in a["model"].items():  # weights, optimiser, RNG and stream position all restored
-        assert torch.equal(value, b["model"][key]), key
-    assert second.metrics == pytest.approx(straight.metrics)
+    state = load_checkpoint(second.checkpoint)
+    steps = 24 // 4
+    assert state["loop"]["ramp_steps"] == 2 * steps  # the horizon of the first start
+    client = MlflowClient(second.tracking_uri)
+    lam = {m.step: m.value for m in client.get_metric_history(second.run_id, "adv_lambda")}
+    assert lam[3] == pytest.approx(0.1 * (2 / (1 + math.exp(-10)) - 1))  # the ramp's end, held
+    assert client.get_run(second.run_id).data.tags["resumed_with.train.epochs"] == "2 -> 3"
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two checkpoints hold the same training state: weights, loss parameters, optimiser, RNG, loop, position."""
+    for part in ("model", "loss"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for index, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][key]), f"optimizer {index}.{key}"
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]) and a["rng"]["python"] == b["rng"]["python"]
+    assert torch.equal(a["rng"]["numpy"][0], b["rng"]["numpy"][0]) and a["rng"]["numpy"][1] == b["rng"]["numpy"][1]
+    assert (a["epoch"], a["step"], a["loop"]) == (b["epoch"], b["step"], b["loop"])
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_lost_workers_restart_then_give_up_in_one_line_and_the_rerun_resumes_exactly(tiny_cfg, tmp_path, monkeypatch):
+    import os
+    import signal
+    import threading
+    import time
+
+    import ray
+
+    from pipeline import launch
+    from pipeline.errors import TrainingFailed
+
+    trace = tmp_path / "trace"
+    trace.mkdir()
+    real_fit = launch.fit
+    monkeypatch.setattr(launch, "fit", lambda cfg, tracker, name, local, progress=True: real_fit(
+        cfg, tracker, name, local, progress, extra={"trace_dir": str(trace)} if name == "faulty" else None))
+    steps = 24 // (2 * 4)  # per epoch with 2 ranks and P=4
+    base = _with(tiny_cfg, train={"epochs": 5, "workers": 2, "max_failures": 1})  # the DANN ramp, by default
+    assert base.model.adversary.schedule == "dann"
+    marker = tmp_path / "ray" / "faulty" / ".fault-injected"
+
+    def kill_a_worker_later() -> None:
+        """After the injected crash and Ray Train's restart, once epoch 3 is checkpointed: SIGKILL rank 0."""
+        while True:
+            latest = load_latest(str(tmp_path / "ray"), "faulty")
+            pid_file = trace / "rank0.pid"
+            if (marker.exists() and latest and latest[1]["epoch"] >= 3
+                    and pid_file.stat().st_mtime > marker.stat().st_mtime):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                return
+            time.sleep(0.1)
+
+    try:
+        straight = train_and_evaluate(_with(base, train={"name": "straight"}), local=False, progress=False,
+                                      plots=False)
+        killer = threading.Thread(target=kill_a_worker_later, daemon=True)
+        killer.start()
+        faulty = _with(base, train={"name": "faulty"}, fault={"crash_rank": 1, "crash_step": steps + 2})
+        with pytest.raises(TrainingFailed) as failed:
+            train_and_evaluate(faulty, local=False, progress=False, plots=False)
+        message = str(failed.value)
+        assert "\n" not in message and "train.max_failures" in message and "rank 0: its process died" in message
+        assert "(epoch 3); run again with --set train.name=faulty to resume from it" in message
+        assert marker.read_text().startswith("rank 1 crashed at step")  # the first loss: restarted by Ray Train
+        client = MlflowClient(tiny_cfg.tracking.uri)
+        run = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                                 "tags.`gdml.run_name` = 'faulty'")[0]
+        assert run.info.status == "FAILED"
+
+        resumed = train_and_evaluate(_with(faulty, fault={"crash_rank": None, "crash_step": None}), local=False,
+                                     progress=False, plots=False)
+    finally:
+        ray.shutdown()
+    assert resumed.run_id == run.info.run_id and _history(resumed) == [1, 2, 3, 4, 5]  # each epoch logged once
+    assert client.get_run(resumed.run_id).info.status == "FINISHED"
+    assert_same_state(load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint))
+    for rank in (0, 1):  # no completed epoch was trained again, through two losses and a rerun
+        assert (trace / f"rank{rank}-epochs.log").read_text().split() == ["1", "2", "3", "4", "5"]
 
 
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(400)
-def test_a_lost_worker_costs_a_restart_not_the_run(tiny_cfg, tmp_path):
+def test_an_interrupted_driver_marks_the_run_killed_stops_ray_and_the_rerun_resumes(tmp_path, tiny_shards):
+    import os
+    import signal
+    import tempfile
+    import time
+
+    import psutil
+
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
+    overrides = {**TINY, "data.root": str(tiny_shards), "train.storage_path": str(tmp_path / "ray"),
+                 "train.epochs": 8, "train.workers": 1, "train.name": "stopped",
+                 "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment": "stop"}
+    args = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_TMPDIR": ray_tmp})
+    deadline = time.monotonic() + 240
+    while not latest_checkpoint(str(tmp_path / "ray"), "stopped") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGTERM)
+    _, err = driver.communicate(timeout=120)
+    assert driver.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("gdml: interrupted; the MLflow run is marked KILLED")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("stop").experiment_id])
+    assert run.info.status == "KILLED"
+    time.sleep(3)
+    left = [p for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
+    assert not left, [p.info["cmdline"][:3] for p in left]  # Ray went down with the driver
+
+    epoch = load_latest(str(tmp_path / "ray"), "stopped")[1]["epoch"]
+    assert 1 <= epoch < 8
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--local", *args], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 9))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_nan_on_one_rank_stops_every_rank_in_one_line(tiny_cfg):
     import ray
 
-    steps = 24 // (2 * 4)  # per epoch with 2 ranks and P=4
-    cfg = _with(tiny_cfg, train={"epochs": 3, "workers": 2, "max_failures": 1, "name": "crashy"},
-                fault={"crash_rank": 1, "crash_step": steps + 2})  # in the middle of epoch 2
+    from pipeline.errors import TrainingFailed
+
+    cfg = _with(tiny_cfg, train={"workers": 2, "max_failures": 0, "name": "nan-ddp"},
+                fault={"nan_step": 2, "nan_rank": 1})
     try:
-        result = train_and_evaluate(cfg, local=False, progress=False, plots=False)
+        with pytest.raises(TrainingFailed) as failed:
+            train_and_evaluate(cfg, local=False, progress=False, plots=False)
     finally:
         ray.shutdown()
-    assert (tmp_path / "ray" / "crashy" / ".fault-injected").read_text().startswith("rank 1 crashed at step")
-    assert load_checkpoint(result.checkpoint)["epoch"] == 3
-    assert _history(result) == [1, 2, 3]
-    assert _history(result, "loss_dml") == [1, 2, 3]
-    client = MlflowClient(result.tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
-    assert [r.info.run_id for r in runs] == [result.run_id]  # one MLflow run, not two
-    assert runs[0].info.status == "FINISHED"
+    message = str(failed.value)
+    assert "\n" not in message
+    assert "rank 1: non-finite loss and gradient norm at epoch 1, step 2 (global step 2)" in message
+    # rank 1's NaN reaches rank 0 through DDP's all-reduce of the gradients: both stop at the same step
+    assert "rank 0: non-finite gradient norm at epoch 1, step 2 (global step 2)" in message
+    assert "no checkpoint was written" in message and latest_checkpoint(cfg.train.storage_path, "nan-ddp") is None
 
 
 @pytest.mark.slow

@@ -14,7 +14,10 @@ from pipeline.launch import train_and_evaluate
 
 METRICS = {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "r_precision", "precision_at_1",
            "nmi"}
-PLOTS = {"plots/test_recall_at_k.png", "plots/test_retrieval.png", "plots/test_tsne.png"}
+PLOTS = {"plots/test_recall_at_k.png", "plots/test_retrieval.png", "plots/test_tsne.png", "plots/test_attention.png",
+         "plots/test_worst_queries.png", "plots/generalisation_gap.png", "plots/adversary.png"}
+DIAGNOSTICS = ("gap/seen_recall_at_1", "gap/unseen_recall_at_1", "gap/recall_at_1", "gap/map_at_r", "adv_acc",
+               "adv_chance", "adv_lambda", "adv_grad_norm", "dml_grad_norm", "adv_grad_ratio")
 
 
 def _check_mlflow(result, epochs):
@@ -29,7 +32,13 @@ def _check_mlflow(result, epochs):
     assert run.data.params["runtime.device"] == "cpu" and run.data.params["runtime.eval_device"] == "cpu"
     assert run.data.params["runtime.describe"] == "cpu, float32"
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"checkpoint", "config.yaml"} <= artifacts
+    assert {"checkpoint", "config.yaml", "test_per_class.csv"} <= artifacts
+    for key in DIAGNOSTICS:  # every epoch
+        assert [m.step for m in client.get_metric_history(result.run_id, key)] == list(range(1, epochs + 1)), key
+    gap = run.data.metrics
+    assert gap["gap/recall_at_1"] == pytest.approx(gap["gap/seen_recall_at_1"] - gap["gap/unseen_recall_at_1"])
+    assert gap["adv_chance"] == pytest.approx(1 / 24) and gap["test/skipped_images"] == 0
+    assert run.data.params["gap.unseen"].startswith("a fixed sample of up to 512 images of test classes")
     assert CHECKPOINT_FILE in {a.path.split("/")[-1] for a in client.list_artifacts(result.run_id, "checkpoint")}
     assert {a.path for a in client.list_artifacts(result.run_id, "plots")} == PLOTS
 
@@ -55,7 +64,11 @@ def test_local_training_logs_metrics_and_a_safe_checkpoint(tiny_cfg):
     run = MlflowClient(result.tracking_uri).get_run(result.run_id)
     assert run.data.metrics["test/recall_at_1"] == pytest.approx(result.metrics["recall_at_1"])
     assert "train/map_at_r" in run.data.metrics
-    assert "plots/train_retrieval.png" in {a.path for a in MlflowClient(result.tracking_uri).list_artifacts(result.run_id, "plots")}
+    plots = {a.path for a in MlflowClient(result.tracking_uri).list_artifacts(result.run_id, "plots")}
+    assert {"plots/train_retrieval.png", "plots/train_attention.png", "plots/train_worst_queries.png"} <= plots
+    table = MlflowClient(result.tracking_uri).download_artifacts(result.run_id, "train_per_class.csv")
+    lines = open(table).read().splitlines()
+    assert lines[0] == "class_id,class_key,class_name,images,recall_at_1,map_at_r" and len(lines) == 1 + 24
 
 
 @pytest.mark.slow

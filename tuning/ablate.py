@@ -101,8 +101,7 @@ def run(cfg: Config, losses: list[str], seeds: list[int], progress: bool = True,
         variants: list[str] | None = None) -> dict[str, Any]:
     from ray import tune
 
-    from pipeline.data import shards
-    from pipeline.launch import check_model, init_ray, open_tracking, resolve_paths
+    from pipeline.launch import check_config, init_ray, prepare, resolve_paths
 
     variants = list(variants or VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
@@ -111,11 +110,10 @@ def run(cfg: Config, losses: list[str], seeds: list[int], progress: bool = True,
     cfg = resolve_paths(cfg)
     for loss in losses:
         for variant in variants:
-            check_model(variant_config(cfg, variant, loss, seeds[0]))
-    uri = open_tracking(cfg)
+            check_config(variant_config(cfg, variant, loss, seeds[0]), local=False)
+    cfg, uri, manifest = prepare(cfg, local=False)
     if uri is None:
         raise RuntimeError("an ablation collects its results from MLflow: it needs tracking.required=true")
-    manifest = shards.ensure(cfg.data)
     init_ray()
     name = f"ablation-{time.strftime('%Y%m%d-%H%M%S')}"
     parent = tracking.Tracker.open(uri, cfg.tracking.experiment, name, tags={"mode": "ablation-parent"})

@@ -166,12 +166,9 @@ def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from pipeline.data import shards
-    from pipeline.launch import init_ray, open_tracking, resolve_paths, train_and_evaluate
+    from pipeline.launch import init_ray, prepare, train_and_evaluate
 
-    base = resolve_paths(base)
-    uri = open_tracking(base)
-    shards.ensure(base.data)
+    base, uri, _ = prepare(base, local=False)
     init_ray()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     sweep_name = f"{spec.name}-{stamp}"

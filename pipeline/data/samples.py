@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 
 from pipeline.data.transforms import eval_transform
+from pipeline.errors import GdmlError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def decode(sample: dict) -> tuple[Image.Image, int]:
     return img, int(sample["cls"])
 
 
-class ShardChecksumError(RuntimeError):
+class ShardChecksumError(GdmlError):
     """A shard's bytes differ from what its manifest recorded: it was altered after it was built."""
 
 

@@ -32,8 +32,10 @@ import webdataset as wds
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.config import DataConfig
+from pipeline.config import ConfigError, DataConfig
 from pipeline.data.sources import ClassItems, encode_png, iter_source
+from pipeline.errors import GdmlError
+from pipeline.paths import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,8 @@ FORMAT_VERSION = 2
 _FIXED_MTIME = 0.0  # byte-identical shards for identical input
 
 
-class ShardBuildError(RuntimeError):
-    pass
+class ShardBuildError(GdmlError):
+    """Building the shards failed (too many unreadable images, an empty source)."""
 
 
 def source_params(cfg: DataConfig) -> dict[str, Any]:
@@ -73,7 +75,8 @@ def split_classes(n_classes: int, train_fraction: float) -> int:
     """Number of training classes: the first ``train_fraction`` of the class order."""
     n_train = round(n_classes * train_fraction)
     if not 1 <= n_train < n_classes:
-        raise ValueError(f"train_fraction {train_fraction} leaves no class for one split of {n_classes}")
+        raise ConfigError(f"data.train_fraction: {train_fraction} of {n_classes} classes leaves no class for the "
+                          "training or the test split (a data set needs at least 2 classes)")
     return n_train
 
 
@@ -118,6 +121,32 @@ def plan(cfg: DataConfig) -> tuple[list[dict[str, Any]], dict[str, list[dict[str
             current["images"].append([cid, idx])
             current["planned"] += len(idx)
     return classes, shards
+
+
+def planned_manifest(cfg: DataConfig) -> dict[str, Any]:
+    """What the manifest will say (classes, splits, shards with their class groups), from the source's listing
+    alone: checks run on it before anything is written. Counts are of images listed (unreadable ones are left out
+    when building)."""
+    classes, planned = plan(cfg)
+    counts: dict[int, int] = {}
+    splits: dict[str, Any] = {}
+    for split, shard_list in planned.items():
+        entries = []
+        for shard in shard_list:
+            groups = [[cid, len(idx)] for cid, idx in shard["images"]]
+            for cid, n in groups:
+                counts[cid] = counts.get(cid, 0) + n
+            entries.append({"file": shard["file"], "samples": shard["planned"], "groups": groups})
+        splits[split] = {"classes": len({g[0] for e in entries for g in e["groups"]}),
+                         "samples": sum(e["samples"] for e in entries), "shards": entries}
+    return {"classes": [{**c, "count": counts.get(c["id"], 0)} for c in classes], "splits": splits}
+
+
+def current_or_planned(cfg: DataConfig) -> dict[str, Any]:
+    """The manifest of shards that are there and current (or remote), else the plan of those to build."""
+    if is_remote(cfg.root) or is_current(cfg.root, cfg):
+        return load_manifest(cfg.root)
+    return planned_manifest(cfg)
 
 
 def _encode(load: Any, max_side: int | None, drawn: bool) -> tuple[str, bytes]:
@@ -253,7 +282,7 @@ def build(cfg: DataConfig, root: str | Path | None = None, workers: int | None =
 
 def load_manifest(root: str | Path) -> dict[str, Any]:
     root_s = str(root)
-    if "://" in root_s or root_s.startswith("pipe:"):
+    if is_remote(root_s):
         from pipeline.data.stream import shard_url
 
         with wds.gopen(shard_url(root_s, MANIFEST)) as f:
@@ -281,7 +310,7 @@ def is_current(root: str | Path, cfg: DataConfig) -> bool:
 
 def ensure(cfg: DataConfig) -> dict[str, Any]:
     """Reuse the shards under ``cfg.root`` when they match the config (or are remote); build them otherwise."""
-    if "://" in cfg.root or cfg.root.startswith("pipe:"):
+    if is_remote(cfg.root):
         return load_manifest(cfg.root)  # remote shards are built elsewhere and only read here
     if is_current(cfg.root, cfg):
         log.info("reusing shards in %s", Path(cfg.root).resolve())

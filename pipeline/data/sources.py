@@ -123,7 +123,7 @@ def available_styles(styles: list[str]) -> dict[str, Path]:
     out = {}
     for style in styles:
         if found.get(style) is None:
-            log.info("emoji style %s is not installed here; skipped", style)
+            log.debug("emoji style %s is not installed here; skipped", style)
         else:
             out[style] = found[style]
     if len(out) < 2:

@@ -24,13 +24,15 @@ def split_size(manifest: dict, split: str, classes: set[int] | None = None) -> i
 
 @torch.no_grad()
 def embed_split(model: torch.nn.Module, manifest: dict, root: str, split: str = "test", batch_size: int = 256,
-                image_size: int = 64, classes: set[int] | None = None, progress: bool = True
-                ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Embeddings, labels and keys of every image of a split, or of some of its classes."""
+                image_size: int = 64, classes: set[int] | None = None, progress: bool = True, verify: bool = True,
+                stats: dict | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Embeddings, labels and keys of every image of a split, or of some of its classes. ``stats["skipped"]``
+    receives the number of images that could not be read."""
     model.eval()
     device = model_device(model)
-    data = DataLoader(SplitImages(manifest, root, split, image_size=image_size, classes=classes),
-                      batch_size=batch_size)
+    source = SplitImages(manifest, root, split, image_size=image_size, classes=classes, verify=verify)
+    # Its own generator: an evaluation inside training (rank 0's validation) must not draw from the training RNG.
+    data = DataLoader(source, batch_size=batch_size, generator=torch.Generator())
     embs, labels, keys = [], [], []
     with tqdm(total=split_size(manifest, split, classes), desc=f"embed {split}", unit="img",
               disable=not progress) as bar:
@@ -40,6 +42,10 @@ def embed_split(model: torch.nn.Module, manifest: dict, root: str, split: str = 
             labels.append(cls.numpy())
             keys += list(key)
             bar.update(len(cls))
+    if stats is not None:
+        stats["skipped"] = stats.get("skipped", 0) + source.skipped
+    if not embs:
+        raise RuntimeError(f"no image of split {split!r} in {root} could be read")
     return np.concatenate(embs), np.concatenate(labels), keys
 
 

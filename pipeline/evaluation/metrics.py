@@ -136,12 +136,13 @@ def select_engine(requested: str = "auto") -> str:
 def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, recall_at: Iterable[int] = (1, 2, 4, 8),
                       seed: int = 0, gallery: np.ndarray | None = None, gallery_labels: np.ndarray | None = None,
                       engine: str = "auto", knn_backend: str = "auto", progress: bool = False,
-                      device: str | torch.device = "cpu") -> dict[str, float]:
+                      device: str | torch.device = "cpu", with_nmi: bool = True, per_query: bool = False):
     """The full metric set, as one flat dict, computed on ``device``.
 
     Without a gallery every row queries all *other* rows (the standard protocol); with one (In-Shop), every
-    row queries the gallery. NMI clusters the query embeddings. Both engines, on every device, give the same
-    numbers (``select_engine``).
+    row queries the gallery. NMI clusters the query embeddings (``with_nmi``). Both engines, on every device, give
+    the same numbers (``select_engine``). ``per_query``: (metrics, per-query values: ``first`` rank of a relevant
+    item, ``ap_at_r``, ``r_precision``).
     """
     ks = sorted(set(recall_at))
     labels = np.asarray(labels)
@@ -155,24 +156,38 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, recall_at: Ite
 
         ranks, r = relevant_ranks_torch(embeddings, labels, gallery, ref_labels if gallery is not None else None,
                                         device=device, progress=progress)
-        out = metrics_from_ranks(ranks, r, ks)
+        out, queries = metrics_from_ranks(ranks, r, ks, per_query=True)
     elif select_engine(engine) == "ranks":
         from pipeline.evaluation.ranks import metrics_from_ranks, relevant_ranks
 
-        if self_search:  # the pass also finds k-means' first assignment (nearest seed row)
+        if self_search and with_nmi:  # the pass also finds k-means' first assignment (nearest seed row)
             ranks, r, first = relevant_ranks(embeddings, labels, progress=progress, max_rank=ks[-1],
                                              seeds=kmeans_seeds(len(labels), len(np.unique(labels)), seed))
         else:
             ranks, r = relevant_ranks(embeddings, labels, gallery, ref_labels, progress=progress, max_rank=ks[-1])
-        out = metrics_from_ranks(ranks, r, ks)
+        out, queries = metrics_from_ranks(ranks, r, ks, per_query=True)
     else:
         neighbors = knn(embeddings, neighbours_needed(labels, None if self_search else ref_labels, ks), gallery,
                         device=device, backend=knn_backend)
         hits = _relevant(neighbors, labels, ref_labels)
+        r = relevant_counts(labels, ref_labels, self_search)
         out = recall_at_k(hits, ks)
-        out.update(map_at_r(hits, relevant_counts(labels, ref_labels, self_search)))
-    out["nmi"] = nmi(embeddings, labels, seed, first=first, device=device)
-    return out
+        out.update(map_at_r(hits, r))
+        queries = per_query_from_hits(hits, r)
+    if with_nmi:
+        out["nmi"] = nmi(embeddings, labels, seed, first=first, device=device)
+    return (out, queries) if per_query else out
+
+
+def per_query_from_hits(hits: np.ndarray, r: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-query values of ``per_query_from_ranks``, from k-NN hit lists (k at least max(R, 1))."""
+    first = np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, np.iinfo(np.int64).max)
+    width = max(int(r.max(initial=0)), 1)
+    h = hits[:, :width].astype(np.float64) * (np.arange(width)[None, :] < r[:, None])
+    precision = np.cumsum(h, axis=1) / np.arange(1, width + 1)[None, :]
+    safe = np.maximum(r, 1)
+    ap = np.where(r > 0, (precision * h).sum(axis=1) / safe, np.nan)
+    return {"first": first, "ap_at_r": ap, "r_precision": np.where(r > 0, h.sum(axis=1) / safe, np.nan)}
 
 
 _ORDER = ("recall_at_", "map_at_r", "r_precision", "precision_at_1", "nmi")

@@ -30,7 +30,8 @@ def recall_curve(runs: dict[str, dict[str, float]], title: str = "Recall@K on un
 
 
 def retrieval_grid(query_images: dict[int, Image.Image], ref_images: dict[int, Image.Image], labels: np.ndarray,
-                   ref_labels: np.ndarray, neighbors: dict[int, list[int]], queries: list[int], top: int = 5) -> Figure:
+                   ref_labels: np.ndarray, neighbors: dict[int, list[int]], queries: list[int], top: int = 5,
+                   title: str = "queries and their nearest neighbours (red: another class)") -> Figure:
     """Each row: a query, then its ``top`` neighbours framed green (same class) or red (wrong)."""
     fig, axes = plt.subplots(len(queries), top + 1, figsize=(1.3 * (top + 1), 1.35 * len(queries)), dpi=110,
                              squeeze=False)
@@ -49,7 +50,7 @@ def retrieval_grid(query_images: dict[int, Image.Image], ref_images: dict[int, I
                 spine.set_visible(False)
             if caption:
                 ax.set_title(caption, fontsize=7, color=color)
-    fig.suptitle("queries and their nearest neighbours (red: another class)", fontsize=8)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -68,5 +69,51 @@ def projection(embeddings: np.ndarray, labels: np.ndarray, max_points: int = 150
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(f"t-SNE of {len(x)} embeddings ({len(np.unique(y))} classes)")
+    fig.tight_layout()
+    return fig
+
+
+def attention_maps(images: list[Image.Image], weights: dict[str, np.ndarray], image_size: int) -> Figure:
+    """Each row: an image, then each tap's attention weights upsampled over it (brighter: more weight)."""
+    taps = list(weights)
+    fig, axes = plt.subplots(len(images), len(taps) + 1, figsize=(1.6 * (len(taps) + 1), 1.6 * len(images)),
+                             dpi=110, squeeze=False)
+    for row, img in enumerate(images):
+        shown = ImageOps.fit(img.convert("RGB"), (image_size, image_size))
+        axes[row, 0].imshow(shown)
+        for col, tap in enumerate(taps, start=1):
+            w = weights[tap][row]
+            heat = Image.fromarray((255 * w / max(w.max(), 1e-12)).astype(np.uint8)).resize(
+                (image_size, image_size), Image.Resampling.BILINEAR)
+            axes[row, col].imshow(shown)
+            axes[row, col].imshow(np.asarray(heat), cmap="inferno", alpha=0.6)
+            if row == 0:
+                axes[row, col].set_title(f"{tap} ({w.shape[0]}x{w.shape[1]})", fontsize=7)
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_title("image", fontsize=7)
+    fig.suptitle("attention over positions, per tap", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def epoch_curves(history: dict[str, list[tuple[int, float]]], panels: list[tuple[str, list[str]]],
+                 title: str, reference: dict[str, float] | None = None) -> Figure:
+    """One panel per (title, metric keys): each key's value per epoch; ``reference``: dashed horizontal lines."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), dpi=110, squeeze=False)
+    for ax, (name, keys) in zip(axes[0], panels):
+        for key in keys:
+            points = history.get(key, [])
+            if points:
+                ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=key)
+        for key, value in (reference or {}).items():
+            if key in keys or name in key:
+                ax.axhline(value, ls="--", c="grey", lw=1, label=key)
+        ax.set_xlabel("epoch")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig

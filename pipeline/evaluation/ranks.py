@@ -134,7 +134,19 @@ def relevant_items(labels: np.ndarray, ref_labels: np.ndarray, self_search: bool
     return np.take_along_axis(T, order, -1), np.take_along_axis(P, order, -1), R
 
 
-def relevant_ranks(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray | None = None,
+def relevant_ranks(*args, **kwargs):
+    """See ``_relevant_ranks``. numba's OpenMP threading layer shares the OpenMP runtime with torch, and starting it
+    raises the process's OpenMP thread count to every core: torch's own count is restored afterwards, or a training
+    process that evaluates (rank 0's validation) would go on with more threads than it was given (oversubscribed,
+    and summing in another order: the same seed would no longer give the same numbers)."""
+    threads = torch.get_num_threads()
+    try:
+        return _relevant_ranks(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _relevant_ranks(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray | None = None,
                    gallery_labels: np.ndarray | None = None, block: int = 4096, progress: bool = False,
                    seeds: np.ndarray | None = None, max_rank: int | None = None):
     """(ranks, R): ``ranks[i, k]`` is the 1-based rank of query i's k-th relevant item among its references.
@@ -220,18 +232,29 @@ def relevant_ranks(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray | 
     return ranks, R, barg
 
 
-def metrics_from_ranks(ranks: np.ndarray, R: np.ndarray, ks) -> dict[str, float]:
-    """Recall@K (every query counts; one with no relevant item misses), MAP@R, R-Precision and Precision@1
-    (over queries with R > 0), from the ranks of each query's relevant items."""
+def per_query_from_ranks(ranks: np.ndarray, R: np.ndarray) -> dict[str, np.ndarray]:
+    """Per query: ``first`` (rank of its first relevant item; a huge number without one), ``ap_at_r`` (its average
+    precision at R; NaN without a relevant item) and ``r_precision`` (NaN likewise)."""
     first = np.where(R > 0, ranks[:, 0], np.iinfo(np.int64).max)
-    out = {f"recall_at_{k}": float((first <= k).mean()) for k in ks}
+    position = np.arange(1, ranks.shape[1] + 1)[None, :]
+    r = np.maximum(R, 1)[:, None]
+    within = (position <= r) & (ranks <= r) & (R[:, None] > 0)
+    ap = np.where(within, position / np.maximum(ranks, 1), 0.0).sum(axis=1) / np.maximum(R, 1)
+    rp = within.sum(axis=1) / np.maximum(R, 1)
+    return {"first": first, "ap_at_r": np.where(R > 0, ap, np.nan), "r_precision": np.where(R > 0, rp, np.nan)}
+
+
+def metrics_from_ranks(ranks: np.ndarray, R: np.ndarray, ks, per_query: bool = False):
+    """Recall@K (every query counts; one with no relevant item misses), MAP@R, R-Precision and Precision@1
+    (over queries with R > 0), from the ranks of each query's relevant items; with ``per_query``, also the
+    per-query values (``per_query_from_ranks``)."""
+    q = per_query_from_ranks(ranks, R)
+    out = {f"recall_at_{k}": float((q["first"] <= k).mean()) for k in ks}
     valid = R > 0
     if not valid.any():
-        return {**out, "map_at_r": float("nan"), "r_precision": float("nan"), "precision_at_1": float("nan")}
-    rk, rv = ranks[valid], R[valid]
-    position = np.arange(1, rk.shape[1] + 1)[None, :]
-    within = (position <= rv[:, None]) & (rk <= rv[:, None])
-    out["map_at_r"] = float((np.where(within, position / rk, 0.0).sum(axis=1) / rv).mean())
-    out["r_precision"] = float((within.sum(axis=1) / rv).mean())
-    out["precision_at_1"] = float((rk[:, 0] == 1).mean())
-    return out
+        out.update(map_at_r=float("nan"), r_precision=float("nan"), precision_at_1=float("nan"))
+    else:
+        out["map_at_r"] = float(q["ap_at_r"][valid].mean())
+        out["r_precision"] = float(q["r_precision"][valid].mean())
+        out["precision_at_1"] = float((q["first"][valid] == 1).mean())
+    return (out, q) if per_query else out

@@ -1,22 +1,27 @@
-"""Evaluating a model or a checkpoint on a split, and logging the result (metrics and plots) to a tracker."""
+"""Evaluating a model or a checkpoint on a split, and logging the result (metrics, plots, per-class table)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.config import Config, EvalConfig
+from pipeline.errors import GdmlError
 from pipeline.evaluation.embed import embed_split, load_images, model_device
 from pipeline.evaluation.knn import neighbours_of
 from pipeline.evaluation.metrics import retrieval_metrics
 
 
+class TooManyUnreadable(GdmlError):
+    """More of a split's images could not be read than ``data.max_bad_fraction`` allows."""
+
+
 @dataclass
 class Evaluation:
-    """What one evaluation produced: the metrics, and what the plots need."""
+    """What one evaluation produced: the metrics, and what the plots and tables need."""
 
     metrics: dict[str, float]
     embeddings: np.ndarray
@@ -27,9 +32,14 @@ class Evaluation:
     ref_embeddings: np.ndarray | None = None
     device: str = "cpu"
     """Where the model embedded and the metrics searched."""
+    per_query: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per query: ``first`` (rank of its first relevant item), ``ap_at_r``, ``r_precision``."""
+    skipped: int = 0
+    """Images that could not be read (left out of the metrics)."""
+    model: torch.nn.Module | None = field(default=None, repr=False)
 
     def neighbours(self, rows: list[int], k: int) -> dict[int, list[int]]:
-        """The k nearest references of some queries (for the retrieval grid)."""
+        """The k nearest references of some queries (for the retrieval grids)."""
         return neighbours_of(rows, self.embeddings, k, self.ref_embeddings, device=self.device)
 
 
@@ -44,18 +54,28 @@ def protocol_splits(manifest: dict, split: str) -> tuple[str, str | None]:
 
 
 def evaluate_model(model: torch.nn.Module, manifest: dict, root: str, split: str, ev: EvalConfig,
-                   image_size: int, seed: int = 0, progress: bool = True) -> Evaluation:
-    """Embed a split (and its gallery, if any) on the model's device and compute the metrics once."""
+                   image_size: int, seed: int = 0, progress: bool = True, verify: bool = True,
+                   max_bad_fraction: float = 1.0) -> Evaluation:
+    """Embed a split (and its gallery, if any) on the model's device and compute the metrics once. More
+    unreadable images than ``max_bad_fraction`` of the split raise ``TooManyUnreadable``."""
     query_split, gallery_split = protocol_splits(manifest, split)
-    emb, labels, _ = embed_split(model, manifest, root, query_split, ev.batch_size, image_size, progress=progress)
+    stats: dict[str, int] = {}
+    emb, labels, _ = embed_split(model, manifest, root, query_split, ev.batch_size, image_size, progress=progress,
+                                 verify=verify, stats=stats)
     gallery = gallery_labels = None
     if gallery_split:
         gallery, gallery_labels, _ = embed_split(model, manifest, root, gallery_split, ev.batch_size, image_size,
-                                                 progress=progress)
+                                                 progress=progress, verify=verify, stats=stats)
+    expected = sum(manifest["splits"][s]["samples"] for s in (query_split, gallery_split) if s)
+    skipped = stats.get("skipped", 0)
+    if skipped and expected and skipped / expected > max_bad_fraction:
+        raise TooManyUnreadable(f"{skipped} of {expected} images of the {split} split could not be read (over "
+                                f"data.max_bad_fraction={max_bad_fraction}); the metrics would not be comparable")
     device = model_device(model)
-    metrics = retrieval_metrics(emb, labels, ev.recall_at, seed, gallery, gallery_labels, engine=ev.engine,
-                                progress=progress, device=device)
-    return Evaluation(metrics, emb, labels, query_split, gallery_split, gallery_labels, gallery, str(device))
+    metrics, per_query = retrieval_metrics(emb, labels, ev.recall_at, seed, gallery, gallery_labels,
+                                           engine=ev.engine, progress=progress, device=device, per_query=True)
+    return Evaluation(metrics, emb, labels, query_split, gallery_split, gallery_labels, gallery, str(device),
+                      per_query, skipped, model)
 
 
 def validation_metrics(model: torch.nn.Module, manifest: dict, root: str, classes: set[int], ev: EvalConfig,
@@ -76,35 +96,50 @@ def evaluate_checkpoint(checkpoint: str, cfg: Config, manifest: dict[str, Any], 
 
     model, _, _ = load_model(checkpoint, inference_device(cfg.train.device))
     return evaluate_model(model, manifest, cfg.data.root, split, cfg.eval, cfg.data.image_size, seed=cfg.train.seed,
-                          progress=progress)
+                          progress=progress, verify=cfg.data.verify, max_bad_fraction=cfg.data.max_bad_fraction)
 
 
 def log_evaluation(tracker, ev: Evaluation, manifest: dict[str, Any], root: str, prefix: str, plots: bool = True,
-                   seed: int = 0) -> None:
-    """Metrics as ``<prefix>/<key>``; plots (Recall@K curve, retrieval grid, t-SNE) under ``plots/``."""
+                   seed: int = 0, image_size: int = 64) -> None:
+    """Metrics as ``<prefix>/<key>`` (with ``<prefix>/skipped_images``); the per-class table; plots under
+    ``plots/``: Recall@K curve, retrieval grid, the worst queries, attention maps, t-SNE."""
     from matplotlib import pyplot as plt
 
+    from pipeline.evaluation import diagnostics
     from pipeline.evaluation import plots as figures
 
-    tracker.log_metrics({f"{prefix}/{k}": v for k, v in ev.metrics.items()})
+    tracker.log_metrics({**{f"{prefix}/{k}": v for k, v in ev.metrics.items()}, f"{prefix}/skipped_images": ev.skipped})
+    if ev.per_query:
+        tracker.log_text(diagnostics.per_class_csv(ev.labels, ev.per_query, manifest), f"{prefix}_per_class.csv")
     if not plots or not tracker.enabled:
         return
     rng = np.random.default_rng(seed)
     queries = sorted(rng.choice(len(ev.labels), size=min(8, len(ev.labels)), replace=False).tolist())
-    neighbours = ev.neighbours(queries, 5)
+    worst = diagnostics.worst_queries(ev.per_query) if ev.per_query else []
+    neighbours = ev.neighbours(sorted(set(queries) | set(worst)), 5)
     top = min(len(nn) for nn in neighbours.values())
-    wanted_refs = {j for q in queries for j in neighbours[q][:top]}
+    wanted_refs = {j for q in neighbours for j in neighbours[q][:top]}
     if ev.ref_split is None:
-        query_images = ref_images = load_images(manifest, root, ev.query_split, set(queries) | wanted_refs)
+        query_images = ref_images = load_images(manifest, root, ev.query_split, set(queries) | set(worst) | wanted_refs)
     else:
-        query_images = load_images(manifest, root, ev.query_split, set(queries))
+        query_images = load_images(manifest, root, ev.query_split, set(queries) | set(worst))
         ref_images = load_images(manifest, root, ev.ref_split, wanted_refs)
     ref_labels = ev.labels if ev.ref_labels is None else ev.ref_labels
-    for name, fig in (
+    figs = [
         ("recall_at_k", figures.recall_curve({prefix: ev.metrics})),
-        ("retrieval", figures.retrieval_grid(query_images, ref_images, ev.labels, ref_labels, neighbours,
-                                             queries, top)),
+        ("retrieval", figures.retrieval_grid(query_images, ref_images, ev.labels, ref_labels, neighbours, queries,
+                                             top)),
         ("tsne", figures.projection(ev.embeddings, ev.labels, seed=seed)),
-    ):
+    ]
+    if worst:
+        figs.append(("worst_queries", figures.retrieval_grid(
+            query_images, ref_images, ev.labels, ref_labels, neighbours, worst, top,
+            title=f"the {len(worst)} queries with the lowest AP@R and their nearest neighbours (red: another class)")))
+    if ev.model is not None:
+        images = [query_images[q] for q in queries if q in query_images]
+        weights = diagnostics.attention_weights(ev.model, images, image_size)
+        if weights:
+            figs.append(("attention", figures.attention_maps(images, weights, image_size)))
+    for name, fig in figs:
         tracker.log_figure(fig, f"plots/{prefix}_{name}.png")
         plt.close(fig)

@@ -53,8 +53,35 @@ def _torchvision_imagenet(builder: Callable[..., nn.Module]) -> Callable[[nn.Mod
 
 
 def _bninception_imagenet(net: nn.Module) -> None:
-    raise RuntimeError("model.pretrained: BN-Inception's ImageNet weights do not ship in a package; download "
-                       "bn_inception-52deb4733.pth and set model.pretrained to its path")
+    raise RuntimeError(_BNINCEPTION_IMAGENET)
+
+
+_BNINCEPTION_IMAGENET = ("BN-Inception's ImageNet weights do not ship in a package; download bn_inception-52deb4733.pth "
+                         "and set model.pretrained to its path")
+
+
+def _torchvision_weights_problem(builder: Callable[..., nn.Module]) -> Callable[[], str | None]:
+    """None when torchvision's ImageNet weights for ``builder`` are in the torch cache or downloadable."""
+
+    def problem() -> str | None:
+        import os
+
+        from torchvision.models import get_model_weights
+
+        url = get_model_weights(builder).DEFAULT.url
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        if cached.is_file():
+            return None
+        import requests
+
+        try:
+            requests.head(url, timeout=5, allow_redirects=True).raise_for_status()
+        except requests.RequestException as err:
+            return (f"torchvision's ImageNet weights are not in {cached} and {url} cannot be reached from here "
+                    f"({type(err).__name__}); set model.pretrained to a local weights file")
+        return None
+
+    return problem
 
 
 _RESNET = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
@@ -72,6 +99,8 @@ class BackboneSpec:
     default_taps: tuple[str, ...]
     imagenet: Callable[[nn.Module], None]
     """Loads ImageNet weights for ``model.pretrained: imagenet``."""
+    imagenet_problem: Callable[[], str | None]
+    """Why ``imagenet`` weights cannot be had here (checked before any work), or None."""
     classifier: str
     """The ImageNet classifier's attribute, dropped after loading weights (unused parameters would stall DDP)."""
 
@@ -79,21 +108,21 @@ class BackboneSpec:
 BACKBONES: dict[str, BackboneSpec] = {
     "resnet18": BackboneSpec(lambda: models.resnet18(weights=None), _sequence(_RESNET),
                              ("layer1", "layer2", "layer3", "layer4"), ("layer2", "layer3"),
-                             _torchvision_imagenet(models.resnet18), "fc"),
+                             _torchvision_imagenet(models.resnet18), _torchvision_weights_problem(models.resnet18), "fc"),
     "resnet50": BackboneSpec(lambda: models.resnet50(weights=None), _sequence(_RESNET),
                              ("layer1", "layer2", "layer3", "layer4"), ("layer2", "layer3"),
-                             _torchvision_imagenet(models.resnet50), "fc"),
+                             _torchvision_imagenet(models.resnet50), _torchvision_weights_problem(models.resnet50), "fc"),
     "googlenet": BackboneSpec(lambda: models.googlenet(weights=None, aux_logits=False, init_weights=True),
                               _sequence(_GOOGLENET), tuple(n for n in _GOOGLENET if n.startswith(("conv", "incep"))),
                               ("inception4d", "inception4e", "inception5a"), _torchvision_imagenet(models.googlenet),
-                              "fc"),
+                              _torchvision_weights_problem(models.googlenet), "fc"),
     "bninception": BackboneSpec(bninception.BNInception, lambda net, x: net.features(x),
                                 ("conv2_3x3",) + bninception.BLOCK_NAMES,
                                 ("inception_4d", "inception_4e", "inception_5a"), _bninception_imagenet,
-                                "last_linear"),
+                                lambda: _BNINCEPTION_IMAGENET, "last_linear"),
     "efficientnet_lite0": BackboneSpec(_efficientnet_lite0, lambda net, x: net.extract_features(x),
                                        ("_conv_stem",) + tuple(f"_blocks.{i}" for i in range(16)) + ("_conv_head",),
-                                       ("_blocks.5", "_blocks.10"), _efficientnet_lite0_imagenet, "_fc"),
+                                       ("_blocks.5", "_blocks.10"), _efficientnet_lite0_imagenet, lambda: None, "_fc"),
 }
 
 
