@@ -14,6 +14,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 TINY = {
+    "model.backbone": "timm/test_resnet",  # a 0.4M-parameter ResNet (timm's test model): small steps, small checkpoints
+    "model.pretrained": "null",
+    "model.attention.taps": "[layer2,layer3]",
     "data.max_classes": 48,
     "data.image_size": 32,
     "data.shard_max_samples": 20,  # several uneven shards per split

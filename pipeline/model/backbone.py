@@ -1,8 +1,15 @@
 """Backbones whose intermediate feature maps are taken by module name; widths and strides read from the model.
 
 A backbone is a network plus its *trunk* (the part that ends in the last feature map). Taps are any named
-submodule (``layer3``, ``layer3.1``, ``inception_4d``, ``_blocks.10``); forward hooks collect their outputs
-while the trunk runs, so no backbone needs to be traceable and no channel count is written down here.
+submodule (``layer3``, ``layer3.1``, ``inception_4d``, ``_blocks.10``, ``blocks.5``); forward hooks collect their
+outputs while the trunk runs, so no backbone needs to be traceable and no channel count is written down here.
+
+Built in: torchvision's ResNet-18/50 and GoogLeNet, BN-Inception (defined here), EfficientNet-Lite0 (its ImageNet
+weights ship in a package). ``timm/<model name>`` builds any timm model: its taps are timm's own feature names
+(``feature_info``); a Vision Transformer's blocks give tokens, made maps here (the prefix tokens, the class token
+among them, are dropped; the patch tokens are laid back on their grid), so attention pooling and CBAM work on them
+unchanged; the last layer's feature is timm's own head pooling (the class token for a ViT, the average of the
+last map for a CNN).
 """
 
 from __future__ import annotations
@@ -92,51 +99,165 @@ _GOOGLENET = ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", 
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    build: Callable[[], nn.Module]
+    build: Callable[[int], nn.Module]
+    """The network for an image size (timm's ViTs size their position embeddings to it)."""
     trunk: Callable[[nn.Module, torch.Tensor], torch.Tensor]
-    blocks: tuple[str, ...]
+    blocks: Callable[[nn.Module], tuple[str, ...]]
     """Names offered as taps by ``gdml backbones`` (any submodule name is accepted)."""
-    default_taps: tuple[str, ...]
-    imagenet: Callable[[nn.Module], None]
-    """Loads ImageNet weights for ``model.pretrained: imagenet``."""
+    default_taps: Callable[[nn.Module], tuple[str, ...]]
+    imagenet: Callable[[nn.Module], None] | None
+    """Loads ImageNet weights for ``model.pretrained: imagenet`` (timm: at build time, see ``create``)."""
     imagenet_problem: Callable[[], str | None]
     """Why ``imagenet`` weights cannot be had here (checked before any work), or None."""
-    classifier: str
+    classifier: str | None
     """The ImageNet classifier's attribute, dropped after loading weights (unused parameters would stall DDP)."""
+    timm_name: str | None = None
+
+    def create(self, image_size: int, pretrained: str | None) -> nn.Module:
+        """The network with its weights: random, ImageNet, or a local file."""
+        if self.timm_name is not None:
+            return _timm_create(self.timm_name, image_size, pretrained)
+        net = self.build(image_size)
+        if pretrained == "imagenet":
+            self.imagenet(net)
+        elif pretrained:
+            load_state(net, pretrained)
+        if self.classifier:
+            setattr(net, self.classifier, nn.Identity())
+        return net
+
+
+def _fixed(names: tuple[str, ...]) -> Callable[[nn.Module], tuple[str, ...]]:
+    return lambda net: names
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": BackboneSpec(lambda: models.resnet18(weights=None), _sequence(_RESNET),
-                             ("layer1", "layer2", "layer3", "layer4"), ("layer2", "layer3"),
-                             _torchvision_imagenet(models.resnet18), _torchvision_weights_problem(models.resnet18), "fc"),
-    "resnet50": BackboneSpec(lambda: models.resnet50(weights=None), _sequence(_RESNET),
-                             ("layer1", "layer2", "layer3", "layer4"), ("layer2", "layer3"),
-                             _torchvision_imagenet(models.resnet50), _torchvision_weights_problem(models.resnet50), "fc"),
-    "googlenet": BackboneSpec(lambda: models.googlenet(weights=None, aux_logits=False, init_weights=True),
-                              _sequence(_GOOGLENET), tuple(n for n in _GOOGLENET if n.startswith(("conv", "incep"))),
-                              ("inception4d", "inception4e", "inception5a"), _torchvision_imagenet(models.googlenet),
+    "resnet18": BackboneSpec(lambda size: models.resnet18(weights=None), _sequence(_RESNET),
+                             _fixed(("layer1", "layer2", "layer3", "layer4")), _fixed(("layer2", "layer3")),
+                             _torchvision_imagenet(models.resnet18), _torchvision_weights_problem(models.resnet18),
+                             "fc"),
+    "resnet50": BackboneSpec(lambda size: models.resnet50(weights=None), _sequence(_RESNET),
+                             _fixed(("layer1", "layer2", "layer3", "layer4")), _fixed(("layer2", "layer3")),
+                             _torchvision_imagenet(models.resnet50), _torchvision_weights_problem(models.resnet50),
+                             "fc"),
+    "googlenet": BackboneSpec(lambda size: models.googlenet(weights=None, aux_logits=False, init_weights=True),
+                              _sequence(_GOOGLENET), _fixed(tuple(n for n in _GOOGLENET if n.startswith(("conv", "incep")))),
+                              _fixed(("inception4d", "inception4e", "inception5a")), _torchvision_imagenet(models.googlenet),
                               _torchvision_weights_problem(models.googlenet), "fc"),
-    "bninception": BackboneSpec(bninception.BNInception, lambda net, x: net.features(x),
-                                ("conv2_3x3",) + bninception.BLOCK_NAMES,
-                                ("inception_4d", "inception_4e", "inception_5a"), _bninception_imagenet,
+    "bninception": BackboneSpec(lambda size: bninception.BNInception(), lambda net, x: net.features(x),
+                                _fixed(("conv2_3x3",) + bninception.BLOCK_NAMES),
+                                _fixed(("inception_4d", "inception_4e", "inception_5a")), _bninception_imagenet,
                                 lambda: _BNINCEPTION_IMAGENET, "last_linear"),
-    "efficientnet_lite0": BackboneSpec(_efficientnet_lite0, lambda net, x: net.extract_features(x),
-                                       ("_conv_stem",) + tuple(f"_blocks.{i}" for i in range(16)) + ("_conv_head",),
-                                       ("_blocks.5", "_blocks.10"), _efficientnet_lite0_imagenet, lambda: None, "_fc"),
+    "efficientnet_lite0": BackboneSpec(lambda size: _efficientnet_lite0(), lambda net, x: net.extract_features(x),
+                                       _fixed(("_conv_stem",) + tuple(f"_blocks.{i}" for i in range(16)) + ("_conv_head",)),
+                                       _fixed(("_blocks.5", "_blocks.10")), _efficientnet_lite0_imagenet, lambda: None,
+                                       "_fc"),
 }
+"""The built-in backbones; ``timm/<model name>`` adds every timm model (``backbone_spec``)."""
+
+TIMM_PREFIX = "timm/"
 
 
-def default_taps(name: str) -> list[str]:
-    return list(BACKBONES[name].default_taps)
+def _timm_create(name: str, image_size: int, pretrained: str | None) -> nn.Module:
+    import timm
+
+    kwargs: dict = {"num_classes": 0}
+    if pretrained == "imagenet":
+        kwargs["pretrained"] = True
+    elif pretrained:
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(pretrained)})
+    try:
+        return timm.create_model(name, img_size=image_size, **kwargs)  # ViTs: position embeddings for this size
+    except TypeError:  # a model without an image size (CNNs)
+        return timm.create_model(name, **kwargs)
 
 
-def check_taps(name: str, taps: list[str]) -> str | None:
+def _timm_blocks(net: nn.Module) -> tuple[str, ...]:
+    return tuple(info["module"] for info in getattr(net, "feature_info", []))
+
+
+def _timm_default_taps(net: nn.Module) -> tuple[str, ...]:
+    """The feature levels at about half and three quarters of the depth (a ResNet's layer2 and layer3, a 12-block
+    ViT's blocks.5 and blocks.8)."""
+    blocks = _timm_blocks(net)
+    if len(blocks) < 3:
+        return blocks[:1]
+    picked = dict.fromkeys(blocks[max(0, int(len(blocks) * f + 0.5) - 1)] for f in (0.5, 0.75))  # half up
+    return tuple(picked)
+
+
+def _timm_imagenet_problem(name: str) -> Callable[[], str | None]:
+    def problem() -> str | None:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is None or not (cfg.hf_hub_id or cfg.url):
+            return f"timm has no pretrained weights for {name}; set model.pretrained to a local weights file"
+        if cfg.hf_hub_id:
+            from huggingface_hub import try_to_load_from_cache
+
+            for filename in ("model.safetensors", "pytorch_model.bin"):
+                if isinstance(try_to_load_from_cache(cfg.hf_hub_id, filename), str):
+                    return None
+        import requests
+
+        url = "https://huggingface.co" if cfg.hf_hub_id else cfg.url
+        try:
+            requests.head(url, timeout=5)
+        except requests.RequestException as err:
+            return (f"timm's weights for {name} are not in the local Hugging Face cache and {url} cannot be reached "
+                    f"({type(err).__name__}); set model.pretrained to a local weights file")
+        return None
+
+    return problem
+
+
+def timm_problem(backbone: str) -> str | None:
+    """None when ``timm/<name>`` names a timm model, else why not."""
+    try:
+        import timm
+    except ImportError:
+        return "the timm/ backbones need the package timm"
+    name = backbone.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        return f"{backbone!r} is not a timm model" + (f"; close: {', '.join(TIMM_PREFIX + c for c in close)}"
+                                                      if close else "")
+    return None
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    """A built-in backbone, or ``timm/<model name>``."""
+    if name in BACKBONES:
+        return BACKBONES[name]
+    if not name.startswith(TIMM_PREFIX):
+        raise KeyError(name)
+    model = name.removeprefix(TIMM_PREFIX)
+    return BackboneSpec(build=lambda size: _timm_create(model, size, None),
+                        trunk=lambda net, x: net.forward_features(x), blocks=_timm_blocks,
+                        default_taps=_timm_default_taps, imagenet=None, imagenet_problem=_timm_imagenet_problem(model),
+                        classifier=None, timm_name=model)
+
+
+def default_taps(name: str, image_size: int = 64) -> list[str]:
+    spec = backbone_spec(name)
+    return list(spec.default_taps(_meta_net(spec, image_size)))
+
+
+def _meta_net(spec: BackboneSpec, image_size: int) -> nn.Module:
+    """The network without its weights' memory (enough for names and timm's feature_info)."""
+    with torch.device("meta"):
+        return spec.build(image_size)
+
+
+def check_taps(name: str, taps: list[str], image_size: int = 64) -> str | None:
     """None when every tap names a submodule of the backbone, else a message listing the offered ones."""
-    spec = BACKBONES[name]
-    modules = {n for n, _ in spec.build().named_modules() if n}
+    spec = backbone_spec(name)
+    net = _meta_net(spec, image_size)
+    modules = {n for n, _ in net.named_modules() if n}
     for tap in taps:
         if tap not in modules:
-            return f"{tap!r} is not a layer of {name}; valid: {', '.join(spec.blocks)} (or any submodule name)"
+            return f"{tap!r} is not a layer of {name}; valid: {', '.join(spec.blocks(net))} (or any submodule name)"
     if len(set(taps)) != len(taps):
         return f"taps repeat a layer: {taps}"
     return None
@@ -166,20 +287,30 @@ def load_state(net: nn.Module, path: str | Path, skip_prefixes: tuple[str, ...] 
     net.load_state_dict(usable, strict=False)
 
 
+def to_map(net: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A layer's output as an (N, C, H, W) map: transformer tokens (N, tokens, C) laid back on their patch grid
+    (prefix tokens dropped), channels-last outputs (timm's ``output_fmt='NHWC'``) permuted."""
+    if t.dim() == 3:
+        prefix = getattr(net, "num_prefix_tokens", 0)
+        tokens = t[:, prefix:]
+        grid = getattr(getattr(net, "patch_embed", None), "grid_size", None)
+        h, w = grid if grid else (int(tokens.shape[1] ** 0.5),) * 2
+        return tokens.transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
+    if t.dim() == 4 and getattr(net, "output_fmt", "NCHW") == "NHWC":
+        return t.permute(0, 3, 1, 2)
+    return t
+
+
 class Backbone(nn.Module):
-    """``forward(x)`` returns ``{tap: map, ..., 'last': final map}``."""
+    """``forward(x)`` returns ``{tap: map, ..., 'last': final map, 'pooled': the last layer's feature vector}``."""
 
     def __init__(self, name: str, taps: list[str], pretrained: str | None = None, freeze_bn: bool = False,
                  probe_size: int = 64) -> None:
         super().__init__()
-        spec = BACKBONES[name]
-        self.net = spec.build()
-        if pretrained == "imagenet":
-            spec.imagenet(self.net)
-        elif pretrained:
-            load_state(self.net, pretrained)
-        setattr(self.net, spec.classifier, nn.Identity())
+        spec = backbone_spec(name)
+        self.net = spec.create(probe_size, pretrained)
         self._trunk = spec.trunk
+        self._timm = spec.timm_name is not None
         self.taps = list(taps)
         self.freeze_bn = freeze_bn
         if freeze_bn:
@@ -194,7 +325,7 @@ class Backbone(nn.Module):
 
     def _keep(self, tap: str) -> Callable:
         def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-            self._maps[tap] = output
+            self._maps[tap] = to_map(self.net, output)
 
         return hook
 
@@ -204,7 +335,8 @@ class Backbone(nn.Module):
         self.eval()
         out = self(torch.zeros(1, 3, size, size))
         self.train(was_training)
-        return {k: TapInfo(k, v.shape[1], max(1, round(size / v.shape[-1]))) for k, v in out.items()}
+        return {k: TapInfo(k, v.shape[1], max(1, round(size / v.shape[-1])) if v.dim() == 4 else 0)
+                for k, v in out.items()}
 
     def _batchnorms(self) -> list[nn.Module]:
         return [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -219,7 +351,8 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self._maps = {}
-        last = self._trunk(self.net, x)
+        features = self._trunk(self.net, x)
         maps, self._maps = self._maps, {}
-        maps["last"] = last
+        maps["last"] = to_map(self.net, features)
+        maps["pooled"] = self.net.forward_head(features, pre_logits=True) if self._timm else maps["last"].mean((2, 3))
         return maps

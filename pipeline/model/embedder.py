@@ -14,12 +14,12 @@ from pipeline.model.attention import TapPooling
 from pipeline.model.backbone import Backbone, default_taps
 
 
-def resolved_taps(cfg: ModelConfig) -> list[str]:
+def resolved_taps(cfg: ModelConfig, image_size: int = 64) -> list[str]:
     """The taps a model config uses: none without attention, else the configured or the backbone's default."""
     att = cfg.attention
     if not att.enabled:
         return []
-    return list(att.taps) if att.taps is not None else default_taps(cfg.backbone)
+    return list(att.taps) if att.taps is not None else default_taps(cfg.backbone, image_size)
 
 
 @dataclass
@@ -45,9 +45,9 @@ class Embedder(nn.Module):
     def __init__(self, cfg: ModelConfig, num_train_classes: int, image_size: int = 64) -> None:
         super().__init__()
         att = cfg.attention
-        taps = resolved_taps(cfg)
+        taps = resolved_taps(cfg, image_size)
         self.backbone = Backbone(cfg.backbone, taps, cfg.pretrained, cfg.freeze_bn, probe_size=image_size)
-        last_channels = self.backbone.info["last"].channels
+        last_channels = self.backbone.info["pooled"].channels
         self.pool = (
             TapPooling({t: self.backbone.info[t].channels for t in taps}, last_channels, att.width, att.kind,
                        att.shared)
@@ -83,7 +83,7 @@ class Embedder(nn.Module):
         """(pooled last-layer feature (B, C), tap descriptors (B, taps, width) or None[, descriptors pooled with the
         attention query cut from the gradient])."""
         maps = self.backbone(x)
-        last = maps["last"].mean(dim=(2, 3))
+        last = maps["pooled"]
         if self.pool is None:
             return (last, None, None) if detached_query else (last, None)
         pooled = self.pool(maps, last, detached_query)

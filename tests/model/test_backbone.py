@@ -23,8 +23,8 @@ def test_every_offered_tap_reports_channels_and_stride_from_the_model(name):
         assert (net.info[tap].channels, net.info[tap].reduction) == (channels, stride), tap
     assert (net.info["last"].channels, net.info["last"].reduction) == (last_ch, last_stride)
     maps = net(torch.randn(2, 3, 64, 64))
-    assert set(maps) == {*taps, "last"}
-    assert check_taps(name, list(BACKBONES[name].default_taps)) is None
+    assert set(maps) == {*taps, "last", "pooled"}
+    assert check_taps(name, list(BACKBONES[name].default_taps(None))) is None
 
 
 def test_unknown_tap_lists_valid_names():
@@ -82,7 +82,7 @@ def test_torchvision_weights_from_a_local_file(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_offered_tap_produces_the_map_its_info_describes(name):
-    blocks = list(BACKBONES[name].blocks)
+    blocks = list(BACKBONES[name].blocks(None))
     net = Backbone(name, blocks, probe_size=64).eval()
     with torch.no_grad():
         maps = net(torch.randn(1, 3, 96, 96))
@@ -90,3 +90,53 @@ def test_every_offered_tap_produces_the_map_its_info_describes(name):
         info = net.info[tap]
         assert maps[tap].shape[1] == info.channels, tap
         assert abs(maps[tap].shape[-1] - 96 / info.reduction) <= 1, tap
+
+
+TIMM = {  # timm's own feature names; channels and strides read from timm
+    "timm/test_resnet": (("layer2", "layer3"), (96, 32)),
+    "timm/test_vit": (("blocks.2", "blocks.4"), (64, 16)),
+    "timm/convnext_atto": (("stages.1", "stages.2"), (320, 32)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TIMM))
+def test_timm_backbones_take_timm_feature_names_as_taps(name):
+    from pipeline.model.backbone import backbone_spec, default_taps
+
+    taps, (last_ch, last_stride) = TIMM[name]
+    assert tuple(default_taps(name, 64)) == taps
+    net = Backbone(name, list(taps), probe_size=64)
+    feature_info = {f["module"]: (f["num_chs"], f["reduction"]) for f in net.net.feature_info}
+    for tap in taps:
+        assert (net.info[tap].channels, net.info[tap].reduction) == feature_info[tap], tap
+    assert (net.info["last"].channels, net.info["last"].reduction) == (last_ch, last_stride)
+    maps = net(torch.randn(2, 3, 64, 64))
+    assert all(maps[t].dim() == 4 for t in taps) and maps["pooled"].shape == (2, net.info["pooled"].channels)
+    assert backbone_spec(name).blocks(net.net)[-1] in dict(net.net.named_modules())
+
+
+def test_a_vit_drops_its_class_token_from_the_maps_and_pools_with_it():
+    net = Backbone("timm/test_vit", ["blocks.2"], probe_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        tokens = net.net.forward_features(x)  # (1, 1 + 16, 64): class token first
+        maps = net(x)
+    assert tokens.shape[1] == 1 + 16 and maps["last"].shape == (1, 64, 4, 4)
+    assert torch.equal(maps["last"].flatten(2).transpose(1, 2), tokens[:, 1:])  # patch tokens, on their grid
+    assert torch.allclose(maps["pooled"], tokens[:, 0])  # the class token (timm's 'token' pooling)
+
+
+def test_timm_weights_from_a_local_file_and_a_clear_error_for_unknown_models(tmp_path):
+    import timm
+
+    from pipeline.config import ConfigError, load
+
+    source = timm.create_model("test_resnet", num_classes=10)
+    torch.save(source.state_dict(), tmp_path / "w.pth")
+    net = Backbone("timm/test_resnet", ["layer2"], pretrained=str(tmp_path / "w.pth"), probe_size=32)
+    loaded, saved = net.net.state_dict(), source.state_dict()
+    assert all(torch.equal(loaded[k], saved[k]) for k in loaded) and len(loaded) == len(saved) - 2  # no classifier
+    with pytest.raises(ConfigError, match="'timm/not_a_model_xyz' is not a timm model"):
+        load(None, ["model.backbone=timm/not_a_model_xyz"])
+    with pytest.raises(ConfigError, match=r"or timm/<model name>"):
+        load(None, ["model.backbone=resnet17"])

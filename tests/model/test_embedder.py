@@ -17,7 +17,7 @@ def model_cfg(backbone="resnet18", attention=True, adversary=True, fusion="conca
     })
 
 
-@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+@pytest.mark.parametrize("backbone", [*sorted(BACKBONES), "timm/test_resnet", "timm/test_vit"])
 @pytest.mark.parametrize("kind", ["additive", "cbam", "avg"])
 def test_every_backbone_and_attention_kind_gives_unit_embeddings(backbone, kind):
     model = Embedder(model_cfg(backbone, kind=kind), num_train_classes=5, image_size=64)
