@@ -160,7 +160,7 @@ class AdversaryConfig(_Section):
 
 class ModelConfig(_Section):
     backbone: str = "resnet18"
-    """A backbone of ``pipeline.model.backbone.BACKBONES``."""
+    """A backbone of ``pipeline.model.backbone.BACKBONES``, or ``timm/<model name>`` (any timm model)."""
     pretrained: str | None = None
     """None: random init; 'imagenet': ImageNet weights (shipped in a package for efficientnet_lite0, downloaded by
     torchvision for the others where the machine can); or the path of a local weights file."""
@@ -176,9 +176,17 @@ class ModelConfig(_Section):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:
-        from pipeline.model.backbone import BACKBONES
+        from pipeline.model.backbone import BACKBONES, TIMM_PREFIX, timm_problem
 
-        return one_of(value, BACKBONES)
+        if value.startswith(TIMM_PREFIX):
+            problem = timm_problem(value)
+            if problem:
+                raise ValueError(problem)
+            return value
+        try:
+            return one_of(value, BACKBONES)
+        except ValueError as err:
+            raise ValueError(f"{err} (or timm/<model name>, e.g. timm/vit_small_patch16_224)") from None
 
 
 class LossConfig(_Section):
@@ -229,6 +237,10 @@ class TrainConfig(_Section):
     """A NaN/inf loss or gradient: stop with a message naming epoch, step and term, or skip the step (counted)."""
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     """Mixed precision: auto = bf16 on GPUs that support it, fp16 with loss scaling on others, off on CPU."""
+    deterministic: bool = False
+    """On a GPU: deterministic kernels only and no cuDNN autotuning (slower), so that two runs of one config give
+    the same weights there too. On CPU gdml is deterministic either way: the same seed gives the same weights (on
+    the same machine type: another CPU's kernels may sum in another order)."""
     channels_last: Literal["auto", "on", "off"] = "auto"
     """Memory format of images and model: auto = channels_last on GPU."""
 

@@ -31,6 +31,8 @@ class RunResult:
     checkpoint: str
     metrics: dict[str, float]
     seconds: float = 0.0
+    skipped: int = 0
+    """Test images that could not be read (left out of the metrics)."""
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -49,14 +51,16 @@ def check_model(cfg: Config) -> None:
     from pipeline.objectives import check_params
 
     if cfg.model.attention.enabled:
-        taps = resolved_taps(cfg.model)
+        taps = resolved_taps(cfg.model, cfg.data.image_size)
         if not taps:
-            raise ConfigError("model.attention.taps: empty; name at least one layer (or set model.attention.enabled=false)")
-        problem = check_taps(cfg.model.backbone, taps)
+            raise ConfigError("model.attention.taps: empty; name at least one layer "
+                              "(or set model.attention.enabled=false)")
+        problem = check_taps(cfg.model.backbone, taps, cfg.data.image_size)
         if problem:
             raise ConfigError(f"model.attention.taps: {problem}")
     adv = cfg.model.adversary
-    if adv.enabled and adv.input == "taps" and not (cfg.model.attention.enabled and resolved_taps(cfg.model)):
+    if adv.enabled and adv.input == "taps" and not (cfg.model.attention.enabled and
+                                                    resolved_taps(cfg.model, cfg.data.image_size)):
         raise ConfigError("model.adversary.input: taps needs the attention over taps on (model.attention.enabled)")
     problem = check_params(cfg.loss)
     if problem:
@@ -65,9 +69,9 @@ def check_model(cfg: Config) -> None:
     if pretrained and pretrained != "imagenet" and not Path(pretrained).is_file():
         raise ConfigError(f"model.pretrained: {pretrained} does not exist (expected 'imagenet' or a weights file)")
     if pretrained == "imagenet":
-        from pipeline.model.backbone import BACKBONES
+        from pipeline.model.backbone import backbone_spec
 
-        problem = BACKBONES[cfg.model.backbone].imagenet_problem()
+        problem = backbone_spec(cfg.model.backbone).imagenet_problem()
         if problem:
             raise ConfigError(f"model.pretrained: imagenet for {cfg.model.backbone}: {problem}")
 
@@ -166,6 +170,64 @@ def interrupt_on_sigterm() -> None:
         _INTERRUPT_ON_SIGTERM = True
 
 
+class RayConsole:
+    """What reaches the console from Ray's processes: the workers' progress bars and gdml's own lines; Ray's own
+    lines (Train's per-report INFO records, the controller's core-worker messages, raylet notes) go to the run's
+    log file instead, whose path is printed once. ``verbose`` (``gdml -v``) shows everything, as Ray would."""
+
+    verbose = False
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "gdml-ray.log"
+    announced: set[str] = set()
+
+    @classmethod
+    def install(cls) -> None:
+        """Wrap the function the Ray driver prints forwarded worker lines with (looked up at each call)."""
+        import ray._private.worker as ray_worker
+        from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+        original = ray_worker.print_worker_logs
+        if getattr(original, "_gdml", False):
+            return
+
+        def route(data: dict, print_file: Any, ignore_prefix: bool = False) -> None:
+            lines = data.get("lines", [])
+            if cls.verbose:
+                return original(data, print_file, ignore_prefix)
+            shown = [line for line in lines if RAY_TQDM_MAGIC in line or "gdml:" in line]
+            hidden = [line for line in lines if line not in shown]
+            if hidden:
+                try:
+                    cls.log_path.parent.mkdir(parents=True, exist_ok=True)
+                    with cls.log_path.open("a") as f:
+                        f.writelines(f"({data.get('actor_name') or data.get('task_name') or ''} pid={data.get('pid')})"
+                                     f" {line}\n" for line in hidden)
+                except OSError:
+                    pass
+            if shown:
+                original({**data, "lines": shown}, print_file, ignore_prefix)
+
+        route._gdml = True
+        ray_worker.print_worker_logs = route
+
+    @staticmethod
+    def clear_bars() -> None:
+        """Forget the finished run's bars (Ray's bar manager would draw them again after every later line)."""
+        from ray.experimental import tqdm_ray
+
+        manager = tqdm_ray.instance()
+        with manager.lock:
+            manager.hide_bars()
+            manager.bar_groups.clear()
+            manager.in_hidden_state, manager.num_hides = False, 0
+
+    @classmethod
+    def for_run(cls, path: Path, progress: bool) -> None:
+        cls.log_path = path
+        if progress and not cls.verbose and str(path) not in cls.announced:
+            cls.announced.add(str(path))
+            print(f"gdml: Ray's own log lines for this run go to {path} (gdml -v shows them here)", flush=True)
+
+
 def init_ray() -> None:
     import ray
 
@@ -174,6 +236,7 @@ def init_ray() -> None:
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
         if _INTERRUPT_ON_SIGTERM:
             interrupt_on_sigterm()
+    RayConsole.install()
 
 
 def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress: bool = True,
@@ -202,6 +265,7 @@ def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress
         scaling = ScalingConfig(num_workers=0)
     else:
         init_ray()
+        RayConsole.for_run(journal_dir(cfg, name) / "ray.log", progress)
         scaling = ScalingConfig(num_workers=cfg.train.workers, use_gpu=_use_gpu(cfg),
                                 resources_per_worker={"CPU": cfg.train.cpus_per_worker})
     trainer = TorchTrainer(
@@ -218,6 +282,9 @@ def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress
         result = trainer.fit()
     except TrainingFailedError as err:
         raise TrainingFailed(describe_failure(err, cfg, name)) from None
+    finally:
+        if not local:
+            RayConsole.clear_bars()
     if is_remote(storage):  # evaluation and MLflow read a local copy
         checkpoint = result.checkpoint.to_directory() if result.checkpoint is not None else None
     else:
@@ -351,4 +418,4 @@ def train_and_evaluate(cfg: Config, local: bool = False, name: str | None = None
         log.warning("MLflow at %s did not answer: %d writes of this run are in %s; `gdml replay %s` sends them "
                     "(the checkpoint is safe in %s)", uri, tracker.unsent(), tracker.journal.path,
                     tracker.journal.path, checkpoint)
-    return RunResult(name, tracker.run_id, tracker.uri, checkpoint, ev.metrics, seconds)
+    return RunResult(name, tracker.run_id, tracker.uri, checkpoint, ev.metrics, seconds, ev.skipped)

@@ -24,6 +24,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -152,8 +153,11 @@ def setup_worker(config: dict[str, Any]) -> Worker:
     torch.set_num_threads(cfg.train.cpus_per_worker)
     seed_everything(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
     run = worker_runtime(cfg.train.device, cfg.train.amp, cfg.train.channels_last, local=config.get("local", False))
-    if run.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick its fastest kernels once
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = run.device.type == "cuda" and not cfg.train.deterministic  # fixed shapes
 
     manifest = load_manifest(cfg.data.root)
     num_train_classes = manifest["splits"]["train"]["classes"]
@@ -180,7 +184,9 @@ def setup_worker(config: dict[str, Any]) -> Worker:
     if rank == 0:
         tracker.log_params({"runtime.device": str(run.device), "runtime.describe": run.describe(),
                             "runtime.world_size": world, "runtime.loader_workers": loader_workers})
-        print(f"gdml: training on {run.describe()}" + (f", {world} workers" if world > 1 else ""), flush=True)
+        # (not print: Ray Train patches print in its workers to log the line as well, which shows it twice)
+        sys.stdout.write(f"gdml: training on {run.describe()}" + (f", {world} workers\n" if world > 1 else "\n"))
+        sys.stdout.flush()
     loader = train_loader(stream, run.pin_memory)
     if config.get("synthetic_batches"):
         loader = synthetic_batches(config["synthetic_batches"], cfg, num_train_classes, run.device)
@@ -259,12 +265,18 @@ def _mean_across_ranks(values: dict[str, float], w: Worker) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def _progress(total: int, desc: str, enabled: bool, local: bool):
+    """A bar for rank 0's epoch: drawn by the driver from a Ray worker (``tqdm_ray``: one live bar, not a line per
+    update), by tqdm itself in local mode."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    if local:
+        from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", mininterval=2.0)
+        return tqdm(total=total, desc=desc, unit="step", mininterval=2.0)
+    from ray.experimental.tqdm_ray import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step")
 
 
 def _inject_crash(w: Worker, step: int) -> None:
@@ -343,7 +355,7 @@ def train_epoch(w: Worker, epoch: int, step: int) -> tuple[dict[str, float], int
     sums = dict.fromkeys(EPOCH_SUMS, 0.0)
     started = time.perf_counter()
     bar = _progress(w.steps, f"epoch {epoch + 1}/{w.cfg.train.epochs}",
-                    w.rank == 0 and w.config.get("progress", True))
+                    w.rank == 0 and w.config.get("progress", True), w.config.get("local", False))
     seen, applied, lam = 0, 0, 0.0
     traced: list[list[int]] = []
     for images, labels in w.loader:
@@ -363,8 +375,8 @@ def train_epoch(w: Worker, epoch: int, step: int) -> tuple[dict[str, float], int
         step += 1
         if bar is not None:
             bar.update(1)
-            if terms is not None:
-                bar.set_postfix(loss=f"{terms['loss']:.3f}")
+            if terms is not None and seen % 10 == 1:
+                bar.set_description(f"epoch {epoch + 1}/{w.cfg.train.epochs} loss {terms['loss']:.3f}")
     if bar is not None:
         bar.close()
     if seen != w.steps:

@@ -60,13 +60,16 @@ def test_missing_file_is_one_clear_error(tmp_path):
     ],
 )
 def test_cli_config_errors_exit_2_with_one_line(args, expected, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+    places = ["--set", f"data.root={tmp_path / 'shards'}", "--set", f"train.storage_path={tmp_path / 'ray'}"]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args, *places], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"gdml: config error: {expected}")
-    assert not (tmp_path / "mlflow.db").exists()  # failed before any work
+    # failed before any work: no shards built, no checkpoint folder, no MLflow store
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "ray").exists()
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_gdml_backbones_lists_taps_with_channels_and_stride(tmp_path):

@@ -137,3 +137,27 @@ def test_missing_layout_file_is_named(tmp_path):
     (tmp_path / "raw").mkdir()
     with pytest.raises(FileNotFoundError, match="has no images.txt"):
         iter_source("cub", path=str(tmp_path / "raw"))
+
+
+def test_inshop_is_evaluated_query_against_gallery(tmp_path):
+    import torch
+
+    from pipeline.config import EvalConfig
+    from pipeline.evaluation.embed import embed_split
+    from pipeline.evaluation.metrics import retrieval_metrics
+    from pipeline.evaluation.run import evaluate_model
+    from pipeline.model.embedder import Embedder
+    from tests.model.test_embedder import model_cfg
+
+    make_inshop(tmp_path / "raw")
+    manifest = shards.build(_cfg(tmp_path, "inshop").data)
+    torch.manual_seed(0)
+    model = Embedder(model_cfg(adversary=False), 3, image_size=32).eval()
+    ev = evaluate_model(model, manifest, str(tmp_path / "shards"), "test", EvalConfig(recall_at=[1, 2]), 32,
+                        progress=False)
+    assert (ev.query_split, ev.ref_split) == ("query", "gallery")
+    assert len(ev.labels) == 3 and len(ev.ref_labels) == 6
+    q, ql, _ = embed_split(model, manifest, str(tmp_path / "shards"), "query", image_size=32, progress=False)
+    g, gl, _ = embed_split(model, manifest, str(tmp_path / "shards"), "gallery", image_size=32, progress=False)
+    assert ev.metrics == retrieval_metrics(q, ql, (1, 2), gallery=g, gallery_labels=gl)  # query vs gallery
+    assert ev.metrics["recall_at_2"] >= ev.metrics["recall_at_1"]

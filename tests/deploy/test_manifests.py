@@ -17,14 +17,16 @@ def test_rayjob_manifest_has_the_required_fields_and_a_valid_entrypoint():
     assert spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
     workers = spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert workers["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    # The entrypoint must parse with the sweep script's own options and name real config keys.
+    # The entrypoint must parse with the sweep script's own argument parser and name real config keys.
+    import argparse
+
     argv = shlex.split(spec["entrypoint"])
     assert argv[:2] == ["python", "tuning/sweep.py"]
-    parser_args = argv[2:]
-    config = parser_args[parser_args.index("--config") + 1]
-    overrides = [parser_args[i + 1] for i, a in enumerate(parser_args) if a == "--set"]
-    assert (ROOT / config).is_file()
-    spec_, base = sweep.load_spec(ROOT / config, overrides)
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    sweep.add_arguments(parser)
+    args = parser.parse_args(argv[2:])  # an unknown option or a missing value raises here
+    assert (ROOT / args.config).is_file()
+    spec_, base = sweep.load_spec(ROOT / args.config, args.overrides)
     assert base.train.device == "cuda" and base.train.storage_path.startswith("s3://")
     env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http")
