@@ -92,7 +92,8 @@ def package(checkpoint: str, name: str, alias: str = "champion", split: str = "t
                 registered_model_name=name,
             )
     version = str(info.registered_model_version)
-    run.client.set_registered_model_alias(name, alias, version)
+    # the registry is the tracking store (explicitly: a client made earlier may have resolved another default)
+    mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(name, alias, version)
     return Packaged(f"models:/{name}@{alias}", name, version, kind, len(labels))
 
 

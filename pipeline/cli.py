@@ -281,9 +281,9 @@ def cmd_package(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from deploy.package import query
-
     from mlflow.exceptions import MlflowException
+
+    from deploy.package import query
 
     missing = [str(p) for p in args.images if not p.is_file()]
     if missing:

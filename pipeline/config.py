@@ -265,6 +265,23 @@ class FaultConfig(_Section):
     """Only on this rank (None: on every rank); the others must then skip or stop alike."""
 
 
+class TuneConfig(_Section):
+    """Class-disjoint k-fold validation (sweeps): the training classes split into ``folds`` seeded folds."""
+
+    folds: int = Field(1, ge=1)
+    """1: the single held-out share ``train.val_fraction``; k > 1: a sweep trial trains k times, each run validated on
+    one fold of the training classes (trained on the others), and is scored by the mean over folds (with its
+    standard error)."""
+    fold: int = Field(0, ge=0)
+    """The fold this run holds out (0 .. folds-1; a sweep sets it)."""
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> "TuneConfig":
+        if self.folds > 1 and self.fold >= self.folds:
+            raise ValueError(f"tune.fold={self.fold} needs to be below tune.folds={self.folds}")
+        return self
+
+
 class EvalConfig(_Section):
     recall_at: list[int] = [1, 2, 4, 8]
     """K of Recall@K (positive, at least one)."""
@@ -273,8 +290,8 @@ class EvalConfig(_Section):
     """Every epoch, Recall@1 and MAP@R on a fixed sample of this many seen-class images beside held-out classes
     (the generalisation gap, ``gap/*``); 0: off."""
     engine: str = "auto"
-    """How the metrics search: ranks (exact ranks of relevant items in one fused CPU pass), knn (FAISS k-NN
-    lists, on the GPU where there is one); auto: knn with a CUDA device, else ranks. Same numbers."""
+    """How the metrics search: ranks (exact ranks of the relevant items: one fused CPU pass, or torch GEMM blocks
+    on the GPU), knn (FAISS k-NN lists, which rank by float32 scores); auto: ranks on the evaluating device."""
 
     @field_validator("engine")
     @classmethod
@@ -313,6 +330,7 @@ class Config(_Section):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     fault: FaultConfig = FaultConfig()
+    tune: TuneConfig = TuneConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -118,13 +118,13 @@ def check_data(cfg: Config, manifest: dict[str, Any], world_size: int) -> None:
     from pipeline.data.stream import (
         batches_per_slot,
         epoch_units,
+        held_out_classes,
         resolve_loader_workers,
-        validation_classes,
         without_classes,
     )
 
     try:
-        held_out = validation_classes(manifest, cfg.train.val_fraction, cfg.train.seed)
+        held_out = held_out_classes(manifest, cfg)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     s = cfg.sampler
@@ -400,7 +400,7 @@ def train_and_evaluate(cfg: Config, local: bool = False, name: str | None = None
         from pipeline.evaluation.diagnostics import unseen_source
 
         tracker.log_params(cfg.flat())
-        tracker.log_params({"gap.unseen": unseen_source(manifest, cfg.train.val_fraction, cfg.eval.gap_images)})
+        tracker.log_params({"gap.unseen": unseen_source(manifest, cfg.train.val_fraction > 0 or cfg.tune.folds > 1, cfg.eval.gap_images)})
         tracker.log_dict(cfg.to_dict(), "config.yaml")
         started = time.perf_counter()
         checkpoint, _ = fit(cfg, tracker, name, local, progress)

@@ -51,9 +51,9 @@ from pipeline.data.shards import load_manifest
 from pipeline.data.stream import (
     BalancedStream,
     epoch_units,
+    held_out_classes,
     resolve_loader_workers,
     train_loader,
-    validation_classes,
     without_classes,
 )
 from pipeline.data.transforms import normalize, train_augment, train_min_area
@@ -161,7 +161,7 @@ def setup_worker(config: dict[str, Any]) -> Worker:
 
     manifest = load_manifest(cfg.data.root)
     num_train_classes = manifest["splits"]["train"]["classes"]
-    val_classes = validation_classes(manifest, cfg.train.val_fraction, cfg.train.seed)
+    val_classes = held_out_classes(manifest, cfg)
     units = epoch_units(without_classes(manifest["splits"]["train"]["shards"], val_classes), cfg.sampler.epoch,
                         cfg.sampler.images_per_class)
     loader_workers = resolve_loader_workers(cfg.sampler, cfg.train.cpus_per_worker, units, world)

@@ -15,7 +15,8 @@ from tests.conftest import TINY
 @pytest.mark.ray
 @pytest.mark.timeout(480)
 def test_shrunken_demo_prints_both_variants_and_logs_two_runs(tmp_path, tiny_shards):
-    overrides = {**TINY, "data.root": str(tiny_shards), "train.storage_path": str(tmp_path / "ray")}
+    overrides = {**TINY, "data.root": str(tiny_shards), "train.storage_path": str(tmp_path / "ray"),
+                 "train.max_steps_per_epoch": 2}
     args = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", *args], capture_output=True, text=True,
                           cwd=tmp_path, timeout=450, env={**os.environ, "MLFLOW_TRACKING_URI": ""})

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray.train.v2.api.callback import UserCallback
 
 from pipeline import config as config_mod
 from pipeline import tracking
@@ -41,9 +42,13 @@ class Param(BaseModel):
 
 
 class Asha(BaseModel):
+    """ASHA's rungs: a trial is first judged after ``grace_period`` epochs, then at grace x factor, grace x
+    factor^2, ... epochs; at each rung only the best 1/factor of the trials seen there go on. The defaults keep
+    a quarter at each rung (measured in benchmarks/bench_sweep.py on a 16-trial grid)."""
+
     model_config = ConfigDict(extra="forbid")
     grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(2.0, gt=1.0)
+    reduction_factor: float = Field(4.0, gt=1.0)
 
 
 class Search(BaseModel):
@@ -84,9 +89,9 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> tuple[Swe
         first = err.errors()[0]
         raise ConfigError(f"{p}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
     base = config_mod.load((p.parent / spec.base).resolve(), overrides, values=spec.set)
-    if base.train.val_fraction <= 0:
+    if base.train.val_fraction <= 0 and base.tune.folds == 1:
         raise ConfigError("train.val_fraction: a sweep chooses on held-out training classes; set it above 0 "
-                          "(e.g. 0.2) in the sweep's 'set'")
+                          "(e.g. 0.2) in the sweep's 'set', or tune.folds to k > 1 for k-fold validation")
     from pipeline.launch import check_model, resolve_paths
 
     flat = base.flat()
@@ -121,13 +126,26 @@ def tune_space(spec: SweepSpec) -> dict[str, Any]:
     return {key: make[p.type](p) for key, p in spec.search.space.items()}
 
 
+def search_algorithm(search: Search, seed: int) -> Any:
+    """None for random and grid (Tune's own generator); a seeded OptunaSearch (TPE) for optuna, so that a sweep
+    run again proposes the same trials."""
+    if search.algorithm != "optuna":
+        return None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as err:
+        raise ConfigError(f"search.algorithm: optuna needs the optuna package ({err}); "
+                          "pip install 'gdml[tune]'") from None
+    return OptunaSearch(seed=seed)
+
+
 def trial_config(base: Config, params: dict[str, Any]) -> Config:
     """The base config with a trial's values set by dotted name."""
     return config_mod.with_values(base, params)
 
 
 def _trial(params: dict[str, Any]) -> None:
-    """One Tune trial: a TorchTrainer whose per-epoch reports Tune sees (runs in a Tune actor)."""
+    """One Tune trial: a TorchTrainer (k of them with ``tune.folds``) whose per-epoch reports Tune sees."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -141,24 +159,136 @@ def _trial(params: dict[str, Any]) -> None:
                                tags={"mlflow.parentRunId": ctx["parent"], "variant": variant_of(cfg),
                                      "gdml.sweep": ctx["sweep"], "mode": "tune-trial"}) as tracker:
         tracker.log_params({**cfg.flat(), **{f"trial.{k}": v for k, v in params.items()}})
-        fit(cfg, tracker, name, local=False, progress=False, callbacks=[TuneReportCallback()])
+        if cfg.tune.folds == 1:
+            fit(cfg, tracker, name, local=False, progress=False, callbacks=[TuneReportCallback()])
+        else:
+            _fit_folds(cfg, tracker, name, ctx)
+
+
+def fold_summary(scores: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample std, ddof=1, over sqrt(k)) of k fold scores."""
+    k = len(scores)
+    mean = sum(scores) / k
+    var = sum((x - mean) ** 2 for x in scores) / (k - 1) if k > 1 else 0.0
+    return mean, (var / k) ** 0.5
+
+
+def _fit_folds(cfg: Config, tracker: tracking.Tracker, name: str, ctx: dict[str, Any]) -> None:
+    """k trainings of one trial, each holding out one fold of the training classes (each an MLflow run under
+    the trial's run). The trial reports the mean over folds (``metric``), its standard error (``metric_se``)
+    and each fold's score (``fold<i>/metric``); ASHA decides on that running mean:
+
+    - folds in parallel (the cluster holds k trainings at once): after epoch e of every fold, the mean at e;
+    - folds in sequence (it does not): after each fold, the mean over the folds done so far, so that ASHA can
+      stop a weak trial after its first fold instead of training all k.
+    """
+    metric, k = ctx["metric"], cfg.tune.folds
+
+    def start(fold: int, callbacks: list) -> list[dict]:
+        fold_cfg = config_mod.with_values(cfg, {"tune.fold": fold})
+        fold_name = f"{name}-fold{fold}"
+        from pipeline.launch import fit
+
+        with tracking.Tracker.open(tracker.uri, cfg.tracking.experiment, fold_name,
+                                   tags={"mlflow.parentRunId": tracker.run_id or "", "mode": "tune-fold",
+                                         "gdml.sweep": ctx["sweep"]}) as fold_tracker:
+            fold_tracker.log_params(fold_cfg.flat())
+            return fit(fold_cfg, fold_tracker, fold_name, local=False, progress=False, callbacks=callbacks)[1]
+
+    def report(step: int, scores: list[float], extra: dict[str, Any]) -> None:
+        from ray import tune
+
+        mean, se = fold_summary(scores)
+        out = {metric: mean, f"{metric}_se": se, **{f"fold{f}/{metric}": v for f, v in enumerate(scores)}}
+        tracker.log_metrics(out, step=step)
+        tune.report({**out, **extra})
+
+    if not ctx["parallel"]:
+        scores: list[float] = []
+        for fold in range(k):
+            history = start(fold, [])
+            scores.append(float(history[-1][metric]))
+            report(fold + 1, scores, {"folds_done": fold + 1, "epoch": cfg.train.epochs})
+        return
+    _parallel_folds(k, metric, start, report)
+
+
+def _parallel_folds(k: int, metric: str, start: Any, report: Any) -> None:
+    """Start the k trainings together; report the mean over folds once every fold has reported epoch e."""
+    import threading
+
+    from ray.util.queue import Queue
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    errors: dict[int, BaseException] = {}
+
+    def one(fold: int) -> None:
+        try:
+            start(fold, [FoldReport(queue, fold)])
+        except BaseException as err:  # noqa: BLE001 - handed to the trial's thread, which raises it
+            errors[fold] = err
+        finally:
+            queue.put((fold, None))
+
+    threads = [threading.Thread(target=one, args=(f,), name=f"fold{f}", daemon=True) for f in range(k)]
+    for t in threads:
+        t.start()
+    reports: dict[int, dict[int, dict]] = {}
+    done: set[int] = set()
+    epoch = 1
+    while len(done) < k:
+        fold, metrics = queue.get()
+        if metrics is None:
+            done.add(fold)
+            if fold in errors:
+                raise errors[fold]
+            continue
+        reports.setdefault(int(metrics["epoch"]), {})[fold] = metrics
+        while len(reports.get(epoch, {})) == k:
+            report(epoch, [float(reports[epoch][f][metric]) for f in range(k)], {"epoch": epoch})
+            epoch += 1
+    for t in threads:
+        t.join()
+
+
+class FoldReport(UserCallback):
+    """A Ray Train callback (it runs in the training's controller) that hands rank 0's report to the trial."""
+
+    def __init__(self, queue: Any, fold: int) -> None:
+        self.queue, self.fold = queue, fold
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self.queue.put((self.fold, dict(metrics[0])))
+
+
+def _capacity(cfg: Config) -> tuple[int, float]:
+    """(what one training needs, what the cluster has) of the resource trials are limited by."""
+    import ray
+
+    res = ray.cluster_resources()
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and res.get("GPU", 0) > 0):
+        per_run, have = cfg.train.workers, res.get("GPU", 0)
+    else:
+        per_run, have = cfg.train.workers * cfg.train.cpus_per_worker, res.get("CPU", 1)
+    if have < per_run:
+        raise ConfigError(f"train.workers: a trial needs {per_run} of a resource the cluster has {have:g} of; "
+                          "lower train.workers or train.cpus_per_worker")
+    return per_run, have
+
+
+def folds_in_parallel(cfg: Config) -> bool:
+    """Whether the cluster holds a trial's k fold trainings at once (else they run one after another)."""
+    per_run, have = _capacity(cfg)
+    return cfg.tune.folds > 1 and have >= per_run * cfg.tune.folds
 
 
 def concurrency(cfg: Config, requested: int | None) -> int:
-    """Trials that fit at once: each needs train.workers x cpus_per_worker CPUs (or workers GPUs)."""
-    import ray
-
+    """Trials that fit at once: each needs train.workers x cpus_per_worker CPUs (or workers GPUs), k times over
+    where its folds train in parallel."""
+    per_run, have = _capacity(cfg)
     if requested:
         return requested
-    res = ray.cluster_resources()
-    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and res.get("GPU", 0) > 0):
-        per_trial, have = cfg.train.workers, res.get("GPU", 0)
-    else:
-        per_trial, have = cfg.train.workers * cfg.train.cpus_per_worker, res.get("CPU", 1)
-    if have < per_trial:
-        raise ConfigError(f"train.workers: a trial needs {per_trial} of a resource the cluster has {have:g} of; "
-                          "lower train.workers or train.cpus_per_worker")
-    return max(1, int(have // per_trial))
+    return max(1, int(have // (per_run * (cfg.tune.folds if folds_in_parallel(cfg) else 1))))
 
 
 def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
@@ -177,17 +307,19 @@ def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
                        "sweep.num_samples": spec.search.num_samples,
                        **{f"space.{k}": v.model_dump_json(exclude_none=True) for k, v in spec.search.space.items()}})
     s = spec.search
-    search_alg = None
-    if s.algorithm == "optuna":
-        try:
-            from ray.tune.search.optuna import OptunaSearch
-        except ImportError as err:
-            raise ConfigError(f"search.algorithm: optuna needs the optuna package ({err}); pip install optuna") from None
-        search_alg = OptunaSearch()
-    scheduler = ASHAScheduler(max_t=base.train.epochs, grace_period=s.asha.grace_period,
+    search_alg = search_algorithm(s, base.train.seed)
+    parallel = folds_in_parallel(base)
+    # ASHA's time: epochs, or with folds in sequence, folds (it may stop a trial after its first fold)
+    max_t = base.tune.folds if base.tune.folds > 1 and not parallel else base.train.epochs
+    scheduler = ASHAScheduler(max_t=max_t, grace_period=min(s.asha.grace_period, max_t),
                               reduction_factor=s.asha.reduction_factor) if s.asha else None
+    if base.tune.folds > 1:
+        print(f"gdml: {base.tune.folds} class-disjoint folds per trial, "
+              + ("trained in parallel (ASHA on the mean over folds per epoch)" if parallel else
+                 "trained one after another (the cluster holds one at a time; ASHA on the running mean per fold)"),
+              flush=True)
     space = {**tune_space(spec), "__gdml": {"base": base.to_dict(), "uri": uri, "parent": parent.run_id,
-                                             "sweep": sweep_name}}
+                                             "sweep": sweep_name, "metric": s.metric, "parallel": parallel}}
     tuner = tune.Tuner(
         tune.with_resources(_trial, {"CPU": 0, "memory": 256 * 2**20}),
         param_space=space,
@@ -199,19 +331,24 @@ def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
         results = tuner.fit()
         best = results.get_best_result(metric=s.metric, mode=s.mode)
         best_params = {k: v for k, v in best.config.items() if k != "__gdml"}
-        trial_epochs = sum(len(r.metrics_dataframe) for r in results if r.metrics_dataframe is not None)
+        reports = sum(len(r.metrics_dataframe) for r in results if r.metrics_dataframe is not None)
+        # a report is an epoch of one training, of k trainings (folds in parallel), or a whole fold (in sequence)
+        trial_epochs = reports * (1 if base.tune.folds == 1 else base.tune.folds if parallel else base.train.epochs)
         _close_children(uri, base.tracking.experiment, sweep_name, best.metrics.get("trial_id"))
+        trials = trial_table(results, s.metric, base.tune.folds)
         summary: dict[str, Any] = {"sweep": sweep_name, "parent_run_id": parent.run_id, "best_params": best_params,
-                                   f"best_{s.metric}": best.metrics[s.metric], "trial_epochs": trial_epochs,
-                                   "trials": len(results)}
-        parent.log_metrics({f"best/{s.metric}": best.metrics[s.metric], "trial_epochs": trial_epochs})
-        parent.log_dict({"best_params": best_params, "trials": [
-            {"params": {k: v for k, v in r.config.items() if k != "__gdml"},
-             s.metric: (r.metrics or {}).get(s.metric), "epochs": (r.metrics or {}).get("epoch")} for r in results
-        ]}, "sweep_results.yaml")
+                                   f"best_{s.metric}": best.metrics[s.metric],
+                                   f"best_{s.metric}_se": best.metrics.get(f"{s.metric}_se"),
+                                   "folds": base.tune.folds, "trial_epochs": trial_epochs,
+                                   "trials": len(results), "table": trials}
+        parent.log_metrics({f"best/{s.metric}": best.metrics[s.metric], "trial_epochs": summary["trial_epochs"]})
+        parent.log_dict({"best_params": best_params, "trials": trials}, "sweep_results.yaml")
+        parent.log_text(format_table(trials, s.metric), "trials.txt")
+        if trials:
+            parent.log_figure(plot_trials(trials, s.metric, list(spec.search.space)), "plots/sweep_params.png")
         if spec.final:
-            final_cfg = trial_config(base, best_params)
-            final_cfg = final_cfg.model_copy(update={"train": final_cfg.train.model_copy(update={"val_fraction": 0.0})})
+            final_cfg = trial_config(base, {**best_params, "train.val_fraction": 0.0, "tune.folds": 1,
+                                            "tune.fold": 0})
             final = train_and_evaluate(final_cfg, local=False, name=f"{sweep_name}-final", progress=progress,
                                        tags={"mlflow.parentRunId": parent.run_id, "gdml.sweep": sweep_name,
                                              "mode": "sweep-final"})
@@ -221,12 +358,74 @@ def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
     return summary
 
 
+def trial_table(results: Any, metric: str, folds: int) -> list[dict[str, Any]]:
+    """One row per trial: its searched values, the last reported score (the k-fold mean), its standard error,
+    the epochs it ran (ASHA may stop it early) and, with folds, every fold's score."""
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        row = {"params": {k: v for k, v in r.config.items() if k != "__gdml"}, metric: m.get(metric),
+               "se": m.get(f"{metric}_se"), "epochs": m.get("epoch")}
+        if "folds_done" in m:
+            row["folds_done"] = m["folds_done"]
+        if folds > 1:
+            row["folds"] = [m.get(f"fold{f}/{metric}") for f in range(folds)]
+        rows.append(row)
+    return rows
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def format_table(trials: list[dict[str, Any]], metric: str) -> str:
+    """The trials, best first: score (± standard error over folds), epochs run, searched values."""
+    def key(t: dict[str, Any]) -> float:
+        return -(t[metric] if t[metric] is not None else float("-inf"))
+
+    lines = []
+    for t in sorted(trials, key=key):
+        score = "n/a" if t[metric] is None else f"{t[metric]:.4f}"
+        if t.get("se") is not None:
+            score += f" ± {t['se']:.4f}"
+        values = ", ".join(f"{k}={_short(v)}" for k, v in t["params"].items())
+        ran = f"{t['folds_done']} folds" if "folds_done" in t else f"{t['epochs'] or 0} epochs"
+        lines.append(f"  {score:<18} {ran:>9}  {values}")
+    return "\n".join(lines)
+
+
+def plot_trials(trials: list[dict[str, Any]], metric: str, params: list[str]) -> Any:
+    """One panel per searched parameter: the trial's score against its value (error bars: standard error)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.2), squeeze=False)
+    scored = [t for t in trials if t[metric] is not None]
+    for ax, name in zip(axes[0], params):
+        values = [t["params"].get(name) for t in scored]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        labels = sorted({str(v) for v in values})
+        x = values if numeric else [labels.index(str(v)) for v in values]
+        ax.errorbar(x, [t[metric] for t in scored], yerr=[t.get("se") or 0.0 for t in scored], fmt="o", capsize=3)
+        if not numeric:
+            ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
+        elif values and min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(name, fontsize=8)
+        ax.set_ylabel(metric, fontsize=8)
+    fig.suptitle("sweep: score of each trial against each searched value")
+    fig.tight_layout()
+    return fig
+
+
 def _close_children(uri: str | None, experiment: str, sweep: str, best_trial: str | None) -> None:
     """Tag the best trial's run; close runs that ASHA stopped (their trial was ended mid-training)."""
     if uri is None:
         return
     for run in tracking.find_runs(uri, experiment, f"tags.`gdml.sweep` = '{sweep}'"):
-        if run.data.tags.get("mode") != "tune-trial":
+        if run.data.tags.get("mode") not in ("tune-trial", "tune-fold"):
             continue
         child = tracking.Tracker(uri, run.info.run_id)
         if best_trial and run.data.tags.get("gdml.run_name", "").endswith(best_trial):
@@ -237,8 +436,14 @@ def _close_children(uri: str | None, experiment: str, sweep: str, best_trial: st
 
 
 def format_summary(summary: dict[str, Any], metric: str) -> str:
-    lines = [f"sweep {summary['sweep']}: {summary['trials']} trials, {summary['trial_epochs']} trial-epochs",
-             f"best on validation classes ({metric} = {summary[f'best_{metric}']:.4f}): {summary['best_params']}"]
+    folds = summary.get("folds", 1)
+    score = f"{summary[f'best_{metric}']:.4f}"
+    if folds > 1:
+        score += f" ± {summary[f'best_{metric}_se']:.4f} (mean ± standard error over {folds} class-disjoint folds)"
+    lines = [f"sweep {summary['sweep']}: {summary['trials']} trials, {summary['trial_epochs']} trial-epochs"
+             + (f" ({folds} folds each)" if folds > 1 else ""),
+             f"trials, best first ({metric}):", format_table(summary.get("table", []), metric),
+             f"best on validation classes ({metric} = {score}): {summary['best_params']}"]
     if "test" in summary:
         lines.append("retrained on all training classes, tested once on the unseen classes:")
         lines += [f"  {k:<16}{v:.4f}" for k, v in summary["test"].items()]

@@ -31,6 +31,7 @@ import multiprocessing
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,14 +62,30 @@ class Slot:
         return self.world_size * self.num_workers
 
 
-def validation_classes(manifest: dict, fraction: float, seed: int) -> set[int]:
-    """A seeded, class-disjoint share of the training classes held out for validation (empty for 0)."""
+def validation_classes(manifest: dict, fraction: float, seed: int, folds: int = 1, fold: int = 0) -> set[int]:
+    """A seeded, class-disjoint share of the training classes held out for validation (empty for 0).
+
+    With ``folds`` > 1 the training classes are dealt, in a seeded order, into that many disjoint folds and fold
+    ``fold`` is held out (``fraction`` is then not used): k runs with fold = 0 .. k-1 validate on every training
+    class exactly once.
+    """
     train = sorted(c["id"] for c in manifest["classes"] if c["split"] == "train")
+    if folds > 1:
+        held = random.Random(f"{seed}/folds").sample(train, len(train))[fold::folds]
+        if len(held) < 2 or len(train) - len(held) < 2:
+            raise ValueError(f"tune.folds={folds} leaves {len(held)} of {len(train)} training classes in a fold; "
+                             "need at least 2 per fold and 2 to train on")
+        return set(held)
     n = round(len(train) * fraction)
     if fraction > 0 and not 2 <= n < len(train):
         raise ValueError(f"train.val_fraction={fraction} holds out {n} of {len(train)} training classes; "
                          "need at least 2 and fewer than all")
     return set(random.Random(f"{seed}/validation").sample(train, n)) if n else set()
+
+
+def held_out_classes(manifest: dict, cfg: Any) -> set[int]:
+    """The classes a run (config ``cfg``) validates on: ``tune.folds``/``tune.fold``, else ``train.val_fraction``."""
+    return validation_classes(manifest, cfg.train.val_fraction, cfg.train.seed, cfg.tune.folds, cfg.tune.fold)
 
 
 def without_classes(shards: list[dict], exclude: set[int]) -> list[dict]:

@@ -41,9 +41,9 @@ def unseen_split(manifest: dict) -> str:
     return "test" if "test" in manifest["splits"] else "gallery"
 
 
-def unseen_source(manifest: dict, val_fraction: float, max_images: int) -> str:
+def unseen_source(manifest: dict, validating: bool, max_images: int) -> str:
     """What the gap's held-out side is, in words (logged with the run)."""
-    if val_fraction > 0:
+    if validating:
         return "validation classes (held out from the training classes)"
     return (f"a fixed sample of up to {max_images} images of {unseen_split(manifest)} classes, for this curve only "
             "(never used to choose anything)")

@@ -1,9 +1,15 @@
 """A 2-trial sweep end to end: Ray Tune -> TorchTrainer per trial -> validation classes -> final test."""
 
+import contextlib
+import json
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+import requests
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -11,9 +17,11 @@ from pipeline.config import ConfigError
 from tests.conftest import TINY
 from tuning import sweep
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def _write_sweep(tmp_path, tiny_shards, **search):
-    base = {k: v for k, v in TINY.items()}
+    base = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in TINY.items()}  # TINY holds CLI text
     spec = {
         "name": "t",
         "base": "base.yaml",
@@ -34,29 +42,173 @@ def test_bad_sweeps_fail_with_one_clear_line(tmp_path, tiny_shards):
     with pytest.raises(ConfigError, match="'model.adversry.weight' is not a config field"):
         sweep.load_spec(path)
     path = _write_sweep(tmp_path, tiny_shards, space={"model.attention.taps": {"type": "choice", "values": [["x9"]]}})
-    with pytest.raises(ConfigError, match="'x9' is not a layer of resnet18"):
+    with pytest.raises(ConfigError, match="'x9' is not a layer of timm/test_resnet"):
         sweep.load_spec(path)
     path = _write_sweep(tmp_path, tiny_shards)
     with pytest.raises(ConfigError, match="train.val_fraction"):
         sweep.load_spec(path, ["train.val_fraction=0"])
 
 
+def test_folds_are_seeded_class_disjoint_and_cover_every_training_class(tiny_shards):
+    from pipeline.data.shards import load_manifest
+    from pipeline.data.stream import validation_classes
+
+    manifest = load_manifest(tiny_shards)
+    train = {c["id"] for c in manifest["classes"] if c["split"] == "train"}
+    folds = [validation_classes(manifest, 0.0, 0, 3, f) for f in range(3)]
+    assert set().union(*folds) == train and sum(map(len, folds)) == len(train)  # disjoint, covering
+    assert sorted(map(len, folds)) == [len(train) // 3] * 3
+    assert folds != [validation_classes(manifest, 0.0, 1, 3, f) for f in range(3)]  # the seed deals them
+    with pytest.raises(ValueError, match="tune.folds=20 leaves 1 of 24 training classes in a fold"):
+        validation_classes(manifest, 0.0, 0, 20, 19)
+    with pytest.raises(ConfigError, match="tune.fold=3 needs to be below tune.folds=3"):
+        from pipeline import config as config_mod
+
+        config_mod.load(None, ["tune.folds=3", "tune.fold=3"])
+
+
+def test_fold_summary_is_the_mean_and_its_standard_error():
+    mean, se = sweep.fold_summary([0.1, 0.2, 0.3])
+    assert mean == pytest.approx(0.2) and se == pytest.approx(0.1 / 3 ** 0.5)
+    assert sweep.fold_summary([0.4]) == (0.4, 0.0)
+
+
+def test_optuna_search_is_seeded():
+    spec = sweep.SweepSpec(base="base.yaml", search=sweep.Search(algorithm="optuna", space={
+        "model.adversary.weight": sweep.Param(type="loguniform", low=0.01, high=1.0),
+        "model.attention.taps": sweep.Param(type="choice", values=[["layer2"], ["layer3"]])}))
+
+    def proposals(seed):
+        alg = sweep.search_algorithm(spec.search, seed)
+        alg.set_search_properties("val/recall_at_1", "max", sweep.tune_space(spec))
+        return [alg.suggest(f"t{i}") for i in range(3)]
+
+    assert proposals(0) == proposals(0) != proposals(1)
+
+
+def _runs_by_mode(uri):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("sweeps")
+    by_mode = {}
+    for r in client.search_runs([exp.experiment_id]):
+        by_mode.setdefault(r.data.tags.get("mode"), []).append(r)
+    return client, by_mode
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_two_trial_sweep_logs_parent_children_and_a_final_test(tmp_path, tiny_shards):
-    path = _write_sweep(tmp_path, tiny_shards)
-    proc = subprocess.run([sys.executable, "tuning/sweep.py", "--config", str(path)], capture_output=True,
-                          text=True, timeout=580)
+def test_three_trial_optuna_sweep_with_two_folds_scores_trials_by_the_fold_mean(tmp_path, tiny_shards):
+    path = _write_sweep(tmp_path, tiny_shards, algorithm="optuna", num_samples=3, asha=None, space={
+        "model.adversary.weight": {"type": "loguniform", "low": 0.01, "high": 1.0}})
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "tune", "--config", str(path),
+                           "--set", "tune.folds=2", "--set", "train.val_fraction=0", "--set", "train.epochs=1"],
+                          capture_output=True, text=True, timeout=580)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 trials" in proc.stdout and "tested once on the unseen classes" in proc.stdout
+    assert "3 trials" in proc.stdout and "(2 folds each)" in proc.stdout
+    assert "mean ± standard error over 2 class-disjoint folds" in proc.stdout
+    assert proc.stdout.count(" ± ") >= 4  # one per trial in the table, and the best
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("sweeps")
-    runs = client.search_runs([exp.experiment_id])
-    by_mode = {}
-    for r in runs:
-        by_mode.setdefault(r.data.tags.get("mode"), []).append(r)
+    client, by_mode = _runs_by_mode(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent, trials, folds = by_mode["sweep"][0], by_mode["tune-trial"], by_mode["tune-fold"]
+    assert len(trials) == 3 and len(folds) == 6
+    for trial in trials:
+        m = trial.data.metrics
+        mean, se = sweep.fold_summary([m["fold0/val/recall_at_1"], m["fold1/val/recall_at_1"]])
+        assert m["val/recall_at_1"] == pytest.approx(mean) and m["val/recall_at_1_se"] == pytest.approx(se)
+        mine = [f for f in folds if f.data.tags["mlflow.parentRunId"] == trial.info.run_id]
+        assert sorted(f.data.params["tune.fold"] for f in mine) == ["0", "1"]
+        # each fold's run validated on its own fold: its score is the trial's fold<i> metric
+        for f in mine:
+            own = m[f"fold{f.data.params['tune.fold']}/val/recall_at_1"]
+            assert f.data.metrics["val/recall_at_1"] == pytest.approx(own)
+    assert len({t.data.params["model.adversary.weight"] for t in trials}) == 3
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep_results.yaml", "trials.txt"} <= artifacts
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/sweep_params.png"]
+    final = by_mode["sweep-final"][0]
+    assert final.data.params["tune.folds"] == "1" and "val/recall_at_1" not in final.data.metrics
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@contextlib.contextmanager
+def _ray_head(tmp_dir: str):
+    """A local Ray head (127.0.0.1, its own temp dir and free ports, so that another Ray session on the machine
+    does not hold them) for as long as the block runs: ``ray start --block`` stops every process it started when
+    it is terminated, and leaves other Ray sessions alone."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    port, gcs, agent, agent_grpc, runtime_env, metrics = _free_ports(6)
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                             f"--temp-dir={tmp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={port}", f"--port={gcs}", f"--dashboard-agent-listen-port={agent}",
+                             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
+                             f"--metrics-export-port={metrics}", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    # (the head's environment is the jobs' one: `python` is this environment's, as on a cluster set up for gdml)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the Jobs API answers once the dashboard is up
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/api/version", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}", f"127.0.0.1:{gcs}"
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_sweep_submitted_through_the_ray_jobs_api_logs_parent_children_and_a_final_test(tmp_path, tiny_shards):
+    """What ``ray submit`` / ``ray job submit --working-dir`` does on a cluster, against a local head."""
+    import shutil
+    import tempfile
+
+    path = _write_sweep(tmp_path, tiny_shards)
+    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
+    try:
+        with _ray_head(ray_tmp) as (address, gcs):
+            # RAY_ADDRESS for the job's processes: Ray Train's placement-group cleaner otherwise looks for "the"
+            # cluster on this machine, and finds none it can choose where another Ray session runs beside it
+            env_vars = json.dumps({"env_vars": {"RAY_ADDRESS": gcs}})
+            for _ in range(15):  # the head's job agent comes up a little after its dashboard
+                proc = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--address",
+                                       address, "--working-dir", str(REPO), "--runtime-env-json", env_vars,
+                                       "--", "python",
+                                       "tuning/sweep.py", "--config", str(path)],
+                                      capture_output=True, text=True, timeout=540)
+                if "No available agent to submit job" not in proc.stderr:
+                    break
+                time.sleep(2)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "succeeded" in proc.stdout and "2 trials" in proc.stdout
+    assert "tested once on the unseen classes" in proc.stdout
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, by_mode = _runs_by_mode(uri)
     parent = by_mode["sweep"][0]
     trials, final = by_mode["tune-trial"], by_mode["sweep-final"][0]
     assert len(trials) == 2
@@ -67,6 +219,17 @@ def test_two_trial_sweep_logs_parent_children_and_a_final_test(tmp_path, tiny_sh
     assert "test/recall_at_1" in final.data.metrics and final.data.params["train.val_fraction"] == "0.0"
     assert "val/recall_at_1" not in final.data.metrics  # the final run never sees validation splits
     assert parent.data.metrics["final_test/recall_at_1"] == final.data.metrics["test/recall_at_1"]
+    # the logged test number is the final checkpoint's: evaluated again here, in this process
+    from pipeline.checkpoint import checkpoint_config, load_checkpoint
+    from pipeline.data.shards import load_manifest
+    from pipeline.evaluation.run import evaluate_checkpoint
+    from pipeline.tracking import download_checkpoint
+
+    checkpoint = download_checkpoint(uri, final.info.run_id, tmp_path / "final")
+    cfg = checkpoint_config(load_checkpoint(checkpoint), checkpoint)
+    again = evaluate_checkpoint(checkpoint, cfg, load_manifest(tiny_shards), "test", progress=False).metrics
+    assert again["recall_at_1"] == pytest.approx(final.data.metrics["test/recall_at_1"], abs=1e-6)
+    assert again["map_at_r"] == pytest.approx(final.data.metrics["test/map_at_r"], abs=1e-6)
 
 
 def test_set_values_keep_their_yaml_types(tmp_path, tiny_shards):
