@@ -262,6 +262,8 @@ def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress
         loop_config["fault_marker"] = str(Path(storage) / name / ".fault-injected")
     if local:
         loop_config["checkpoint_root"] = str(Path(storage) / name)
+        if not RayConsole.verbose:  # Ray Train's own lines (local mode, every report): on the console with -v only
+            logging.getLogger("ray.train").setLevel(logging.WARNING)
         scaling = ScalingConfig(num_workers=0)
     else:
         init_ray()

@@ -53,6 +53,30 @@ def tiny_cfg(tmp_path: Path, tiny_shards: Path) -> Config:
     return tiny_config(tmp_path, **{"data.root": str(tiny_shards)})
 
 
+RAY_SESSIONS = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray"
+_BEFORE = pytest.StashKey[set]()
+
+
+def _ray_sessions() -> set[Path]:
+    return set(RAY_SESSIONS.glob("session_2*")) if RAY_SESSIONS.is_dir() else set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_BEFORE] = _ray_sessions()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the Ray session folders (logs, spilled objects) that this test session's Ray runtimes left; the
+    temporary trees of passed tests go too (``tmp_path_retention_policy``), so a run leaves little under /tmp."""
+    import shutil
+
+    before = session.config.stash.get(_BEFORE, None)
+    if before is None:
+        return
+    for folder in _ray_sessions() - before:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked ``gpu`` need a CUDA device: skipped without one (``make gpu-check`` runs them on a GPU)."""
     import torch

@@ -122,8 +122,9 @@ def test_lost_workers_restart_then_give_up_in_one_line_and_the_rerun_resumes_exa
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(400)
-def test_an_interrupted_driver_marks_the_run_killed_stops_ray_and_the_rerun_resumes(tmp_path, tiny_shards):
+def test_an_interrupted_driver_marks_the_run_killed_stops_ray_and_the_rerun_resumes(tmp_path, tiny_shards, request):
     import os
+    import shutil
     import signal
     import tempfile
     import time
@@ -131,6 +132,7 @@ def test_an_interrupted_driver_marks_the_run_killed_stops_ray_and_the_rerun_resu
     import psutil
 
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     overrides = {**TINY, "data.root": str(tiny_shards), "train.storage_path": str(tmp_path / "ray"),
                  "train.epochs": 8, "train.workers": 1, "train.name": "stopped",
                  "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment": "stop"}
