@@ -174,9 +174,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "only well beyond the spread over seeds, which `gdml ablate --seeds 0 1 2` measures (README: The claim, "
           "measured)")
     print(f"demo took {elapsed:.0f} s. MLflow runs: " + ", ".join(f"{k}={r.run_id}" for k, r in results.items()))
+    spent = _diagnostics_seconds(results.values())
+    if spent is not None:
+        print(f"diagnostics (gap curve every epoch, worst queries, attention maps, per-class table): {spent:.0f} s "
+              f"of the {elapsed:.0f} s ({100 * spent / elapsed:.1f}%)")
     if first.tracking_uri:
         print(f"browse them: {_ui_hint(first.tracking_uri)}  (experiment '{cfg.tracking.experiment}', tag demo={stamp})")
     return 0
+
+
+def _diagnostics_seconds(results) -> float | None:
+    """What the runs' diagnostics cost, from what they logged (gap_seconds per epoch, test/diagnostics_seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    total = 0.0
+    for r in results:
+        if not r.tracking_uri:
+            return None
+        client = MlflowClient(r.tracking_uri)
+        for key in ("gap_seconds", "test/diagnostics_seconds"):
+            total += sum(m.value for m in client.get_metric_history(r.run_id, key))
+    return total
 
 
 def cmd_shards(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ def test_shrunken_demo_prints_both_variants_and_logs_two_runs(tmp_path, tiny_sha
     assert set(rows) == {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "nmi"}
     assert all(0 <= v <= 1 and len(vals) == 2 for vals in rows.values() for v in vals)
     assert "mlflow ui --backend-store-uri" in out
+    assert re.search(r"^diagnostics \(gap curve .*\): \d+ s of the \d+ s \(\d+\.\d%\)$", out, re.M), out[-2000:]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("gdml-demo")
@@ -38,3 +39,4 @@ def test_shrunken_demo_prints_both_variants_and_logs_two_runs(tmp_path, tiny_sha
         assert run.info.status == "FINISHED"
         assert run.data.tags["mode"] == "ray"
         assert "test/recall_at_1" in run.data.metrics and "loss_dml" in run.data.metrics
+        assert run.data.metrics["gap_seconds"] > 0 and run.data.metrics["test/diagnostics_seconds"] > 0

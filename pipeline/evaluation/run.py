@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,9 +110,12 @@ def log_evaluation(tracker, ev: Evaluation, manifest: dict[str, Any], root: str,
     from pipeline.evaluation import plots as figures
 
     tracker.log_metrics({**{f"{prefix}/{k}": v for k, v in ev.metrics.items()}, f"{prefix}/skipped_images": ev.skipped})
+    started = time.perf_counter()  # the diagnostics' own cost: per-class table, worst queries, attention maps
     if ev.per_query:
         tracker.log_text(diagnostics.per_class_csv(ev.labels, ev.per_query, manifest), f"{prefix}_per_class.csv")
+    spent = time.perf_counter() - started
     if not plots or not tracker.enabled:
+        tracker.log_metrics({f"{prefix}/diagnostics_seconds": spent})
         return
     rng = np.random.default_rng(seed)
     queries = sorted(rng.choice(len(ev.labels), size=min(8, len(ev.labels)), replace=False).tolist())
@@ -131,6 +135,7 @@ def log_evaluation(tracker, ev: Evaluation, manifest: dict[str, Any], root: str,
                                              top)),
         ("tsne", figures.projection(ev.embeddings, ev.labels, seed=seed)),
     ]
+    started = time.perf_counter()
     if worst:
         figs.append(("worst_queries", figures.retrieval_grid(
             query_images, ref_images, ev.labels, ref_labels, neighbours, worst, top,
@@ -140,6 +145,11 @@ def log_evaluation(tracker, ev: Evaluation, manifest: dict[str, Any], root: str,
         weights = diagnostics.attention_weights(ev.model, images, image_size)
         if weights:
             figs.append(("attention", figures.attention_maps(images, weights, image_size)))
+    spent += time.perf_counter() - started
     for name, fig in figs:
+        started = time.perf_counter()
         tracker.log_figure(fig, f"plots/{prefix}_{name}.png")
         plt.close(fig)
+        if name in ("worst_queries", "attention"):
+            spent += time.perf_counter() - started
+    tracker.log_metrics({f"{prefix}/diagnostics_seconds": spent})
