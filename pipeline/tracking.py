@@ -428,11 +428,25 @@ class Tracker:
     def active(self) -> Iterator[None]:
         """This run as MLflow's active run, for the calls that exist only in the fluent API (``log_model``)."""
         import mlflow
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
 
+        # MLflow's setters also write MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into os.environ, for subprocesses:
+        # put back what was there, so that this run's store does not become every later call's (or child's) default
+        saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+        saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_registry_uri(self.uri)
-        with mlflow.start_run(run_id=self.run_id):
-            yield
+        try:
+            with mlflow.start_run(run_id=self.run_id):
+                yield
+        finally:
+            tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def end(self, status: str = "FINISHED") -> None:
         self._do({"op": "end", "status": status})
