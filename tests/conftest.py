@@ -70,10 +70,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     temporary trees of passed tests go too (``tmp_path_retention_policy``), so a run leaves little under /tmp."""
     import shutil
 
+    import psutil
+
     before = session.config.stash.get(_BEFORE, None)
     if before is None:
         return
-    for folder in _ray_sessions() - before:
+    new = _ray_sessions() - before
+    if not new:
+        return
+    in_use = set()  # a Ray started meanwhile by something else on this machine is still running: keep its folder
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        in_use |= {folder for folder in new if folder.name in line}
+    for folder in new - in_use:
         shutil.rmtree(folder, ignore_errors=True)
 
 
