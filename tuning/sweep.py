@@ -386,10 +386,11 @@ def format_table(trials: list[dict[str, Any]], metric: str) -> str:
     lines = []
     for t in sorted(trials, key=key):
         score = "n/a" if t[metric] is None else f"{t[metric]:.4f}"
-        if t.get("se") is not None:
+        if t.get("se") is not None and t.get("folds_done", 2) > 1:  # one fold has no spread to speak of
             score += f" ± {t['se']:.4f}"
         values = ", ".join(f"{k}={_short(v)}" for k, v in t["params"].items())
-        ran = f"{t['folds_done']} folds" if "folds_done" in t else f"{t['epochs'] or 0} epochs"
+        ran = (f"{t['folds_done']} fold{'s' * (t['folds_done'] != 1)}" if "folds_done" in t
+               else f"{t['epochs'] or 0} epochs")
         lines.append(f"  {score:<18} {ran:>9}  {values}")
     return "\n".join(lines)
 
