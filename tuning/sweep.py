@@ -282,13 +282,13 @@ def folds_in_parallel(cfg: Config) -> bool:
     return cfg.tune.folds > 1 and have >= per_run * cfg.tune.folds
 
 
-def concurrency(cfg: Config, requested: int | None) -> int:
+def concurrency(cfg: Config, requested: int | None, parallel_folds: bool = False) -> int:
     """Trials that fit at once: each needs train.workers x cpus_per_worker CPUs (or workers GPUs), k times over
-    where its folds train in parallel."""
+    where its folds train in parallel (``parallel_folds``, from ``folds_in_parallel``)."""
     per_run, have = _capacity(cfg)
     if requested:
         return requested
-    return max(1, int(have // (per_run * (cfg.tune.folds if folds_in_parallel(cfg) else 1))))
+    return max(1, int(have // (per_run * (cfg.tune.folds if parallel_folds else 1))))
 
 
 def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
@@ -324,7 +324,7 @@ def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
         tune.with_resources(_trial, {"CPU": 0, "memory": 256 * 2**20}),
         param_space=space,
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
-                                    search_alg=search_alg, max_concurrent_trials=concurrency(base, s.max_concurrent)),
+                                    search_alg=search_alg, max_concurrent_trials=concurrency(base, s.max_concurrent, parallel)),
         run_config=tune.RunConfig(name=sweep_name, storage_path=base.train.storage_path, verbose=1 if progress else 0),
     )
     with parent:
