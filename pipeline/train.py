@@ -464,12 +464,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     distribute(w)
     for epoch in range(first_epoch, w.cfg.train.epochs):
         metrics, step = train_epoch(w, epoch, step)
+        if trace:  # written before the checkpoint exists: a loss after it cannot hide a trained epoch
+            with (trace / f"rank{w.rank}-epochs.log").open("a") as f:
+                f.write(f"{epoch + 1}\n")
         metrics.update(validate(w))
         report(w, metrics, epoch + 1, step)
         if trace:
             _trace_devices(w)
-            with (trace / f"rank{w.rank}-epochs.log").open("a") as f:
-                f.write(f"{epoch + 1}\n")
     w.tracker.close(timeout=10.0)  # what is still unsent stays in the worker's journal: the driver takes it over
 
 

@@ -115,8 +115,12 @@ def test_lost_workers_restart_then_give_up_in_one_line_and_the_rerun_resumes_exa
     assert resumed.run_id == run.info.run_id and _history(resumed) == [1, 2, 3, 4, 5]  # each epoch logged once
     assert client.get_run(resumed.run_id).info.status == "FINISHED"
     assert_same_state(load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint))
-    for rank in (0, 1):  # no completed epoch was trained again, through two losses and a rerun
-        assert (trace / f"rank{rank}-epochs.log").read_text().split() == ["1", "2", "3", "4", "5"]
+    for rank in (0, 1):  # no checkpointed epoch was trained again, through two losses and a rerun
+        trained = [int(e) for e in (trace / f"rank{rank}-epochs.log").read_text().split()]
+        assert trained[:3] == [1, 2, 3] and sorted(set(trained)) == [1, 2, 3, 4, 5]
+        # a rank writes an epoch down when its training ends, before the checkpoint: only epoch 4, trained
+        # but not yet checkpointed when rank 0 was killed, may have been trained twice
+        assert [e for e in set(trained) if trained.count(e) > 1] in ([], [4])
 
 
 @pytest.mark.slow
