@@ -1,4 +1,5 @@
-"""A 2-trial sweep end to end: Ray Tune -> TorchTrainer per trial -> validation classes -> final test."""
+"""Sweeps: specs, folds, seeded search, and a 3-trial Optuna sweep on 2 folds submitted through the Ray Jobs API
+(Ray Tune -> TorchTrainer per fold -> validation classes -> final retrain and test)."""
 
 import contextlib
 import json
@@ -47,6 +48,11 @@ def test_bad_sweeps_fail_with_one_clear_line(tmp_path, tiny_shards):
     path = _write_sweep(tmp_path, tiny_shards)
     with pytest.raises(ConfigError, match="train.val_fraction"):
         sweep.load_spec(path, ["train.val_fraction=0"])
+    # gdml tune reads the same spec: a bad override is one line and exit code 2, before Ray starts
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "tune", "--config", str(path),
+                           "--set", "tune.folds=1", "--set", "train.val_fraction=0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "train.val_fraction" in proc.stderr
 
 
 def test_folds_are_seeded_class_disjoint_and_cover_every_training_class(tiny_shards):
@@ -93,41 +99,6 @@ def _runs_by_mode(uri):
     for r in client.search_runs([exp.experiment_id]):
         by_mode.setdefault(r.data.tags.get("mode"), []).append(r)
     return client, by_mode
-
-
-@pytest.mark.slow
-@pytest.mark.ray
-@pytest.mark.timeout(600)
-def test_three_trial_optuna_sweep_with_two_folds_scores_trials_by_the_fold_mean(tmp_path, tiny_shards):
-    path = _write_sweep(tmp_path, tiny_shards, algorithm="optuna", num_samples=3, asha=None, space={
-        "model.adversary.weight": {"type": "loguniform", "low": 0.01, "high": 1.0}})
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "tune", "--config", str(path),
-                           "--set", "tune.folds=2", "--set", "train.val_fraction=0", "--set", "train.epochs=1"],
-                          capture_output=True, text=True, timeout=580)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "3 trials" in proc.stdout and "(2 folds each)" in proc.stdout
-    assert "mean ± standard error over 2 class-disjoint folds" in proc.stdout
-    assert proc.stdout.count(" ± ") >= 4  # one per trial in the table, and the best
-
-    client, by_mode = _runs_by_mode(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parent, trials, folds = by_mode["sweep"][0], by_mode["tune-trial"], by_mode["tune-fold"]
-    assert len(trials) == 3 and len(folds) == 6
-    for trial in trials:
-        m = trial.data.metrics
-        mean, se = sweep.fold_summary([m["fold0/val/recall_at_1"], m["fold1/val/recall_at_1"]])
-        assert m["val/recall_at_1"] == pytest.approx(mean) and m["val/recall_at_1_se"] == pytest.approx(se)
-        mine = [f for f in folds if f.data.tags["mlflow.parentRunId"] == trial.info.run_id]
-        assert sorted(f.data.params["tune.fold"] for f in mine) == ["0", "1"]
-        # each fold's run validated on its own fold: its score is the trial's fold<i> metric
-        for f in mine:
-            own = m[f"fold{f.data.params['tune.fold']}/val/recall_at_1"]
-            assert f.data.metrics["val/recall_at_1"] == pytest.approx(own)
-    assert len({t.data.params["model.adversary.weight"] for t in trials}) == 3
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"sweep_results.yaml", "trials.txt"} <= artifacts
-    assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/sweep_params.png"]
-    final = by_mode["sweep-final"][0]
-    assert final.data.params["tune.folds"] == "1" and "val/recall_at_1" not in final.data.metrics
 
 
 def _free_ports(n: int) -> list[int]:
@@ -180,12 +151,14 @@ def _ray_head(tmp_dir: str):
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_a_sweep_submitted_through_the_ray_jobs_api_logs_parent_children_and_a_final_test(tmp_path, tiny_shards):
-    """What ``ray submit`` / ``ray job submit --working-dir`` does on a cluster, against a local head."""
+def test_a_three_trial_optuna_sweep_on_two_folds_submitted_through_the_ray_jobs_api(tmp_path, tiny_shards):
+    """What ``ray submit`` / ``ray job submit --working-dir`` does on a cluster, against a local head: a seeded
+    Optuna sweep whose trials are scored by the mean over 2 class-disjoint folds, then the final retrain and test."""
     import shutil
     import tempfile
 
-    path = _write_sweep(tmp_path, tiny_shards)
+    path = _write_sweep(tmp_path, tiny_shards, algorithm="optuna", num_samples=3, asha=None, space={
+        "model.adversary.weight": {"type": "loguniform", "low": 0.01, "high": 1.0}})
     ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
     try:
         with _ray_head(ray_tmp) as (address, gcs):
@@ -195,8 +168,9 @@ def test_a_sweep_submitted_through_the_ray_jobs_api_logs_parent_children_and_a_f
             for _ in range(15):  # the head's job agent comes up a little after its dashboard
                 proc = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--address",
                                        address, "--working-dir", str(REPO), "--runtime-env-json", env_vars,
-                                       "--", "python",
-                                       "tuning/sweep.py", "--config", str(path)],
+                                       "--", "python", "tuning/sweep.py", "--config", str(path),
+                                       "--set", "tune.folds=2", "--set", "train.val_fraction=0",
+                                       "--set", "train.epochs=1"],
                                       capture_output=True, text=True, timeout=540)
                 if "No available agent to submit job" not in proc.stderr:
                     break
@@ -204,19 +178,33 @@ def test_a_sweep_submitted_through_the_ray_jobs_api_logs_parent_children_and_a_f
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert "succeeded" in proc.stdout and "2 trials" in proc.stdout
+    assert "succeeded" in proc.stdout and "3 trials" in proc.stdout and "(2 folds each)" in proc.stdout
+    assert "mean ± standard error over 2 class-disjoint folds" in proc.stdout
+    assert proc.stdout.count(" ± ") >= 4  # one per trial in the table, and the best
     assert "tested once on the unseen classes" in proc.stdout
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client, by_mode = _runs_by_mode(uri)
-    parent = by_mode["sweep"][0]
-    trials, final = by_mode["tune-trial"], by_mode["sweep-final"][0]
-    assert len(trials) == 2
+    parent, trials, folds = by_mode["sweep"][0], by_mode["tune-trial"], by_mode["tune-fold"]
+    final = by_mode["sweep-final"][0]
+    assert len(trials) == 3 and len(folds) == 6
     assert all(t.data.tags["mlflow.parentRunId"] == parent.info.run_id for t in [*trials, final])
-    assert sorted(t.data.params["model.adversary.weight"] for t in trials) == ["0.05", "0.5"]
-    assert all("val/recall_at_1" in t.data.metrics for t in trials)
+    assert len({t.data.params["model.adversary.weight"] for t in trials}) == 3
     assert [t.data.tags.get("best") for t in trials].count("true") == 1
+    for trial in trials:  # scored by the mean over its folds, each fold's run validated on its own fold
+        m = trial.data.metrics
+        mean, se = sweep.fold_summary([m["fold0/val/recall_at_1"], m["fold1/val/recall_at_1"]])
+        assert m["val/recall_at_1"] == pytest.approx(mean) and m["val/recall_at_1_se"] == pytest.approx(se)
+        mine = [f for f in folds if f.data.tags["mlflow.parentRunId"] == trial.info.run_id]
+        assert sorted(f.data.params["tune.fold"] for f in mine) == ["0", "1"]
+        for f in mine:
+            own = m[f"fold{f.data.params['tune.fold']}/val/recall_at_1"]
+            assert f.data.metrics["val/recall_at_1"] == pytest.approx(own)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep_results.yaml", "trials.txt"} <= artifacts
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/sweep_params.png"]
     assert "test/recall_at_1" in final.data.metrics and final.data.params["train.val_fraction"] == "0.0"
+    assert final.data.params["tune.folds"] == "1"
     assert "val/recall_at_1" not in final.data.metrics  # the final run never sees validation splits
     assert parent.data.metrics["final_test/recall_at_1"] == final.data.metrics["test/recall_at_1"]
     # the logged test number is the final checkpoint's: evaluated again here, in this process
