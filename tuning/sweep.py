@@ -126,17 +126,22 @@ def tune_space(spec: SweepSpec) -> dict[str, Any]:
     return {key: make[p.type](p) for key, p in spec.search.space.items()}
 
 
-def search_algorithm(search: Search, seed: int) -> Any:
-    """None for random and grid (Tune's own generator); a seeded OptunaSearch (TPE) for optuna, so that a sweep
-    run again proposes the same trials."""
+def search_algorithm(search: Search, seed: int, max_concurrent: int = 0) -> Any:
+    """The search, seeded by ``train.seed`` so that a sweep run again proposes the same trials: Tune's own
+    generator for random and grid, OptunaSearch (TPE) for optuna; at most ``max_concurrent`` trials at once (0: no
+    limit). (The limit is set here: Tune ignores ``max_concurrent_trials`` beside a generator it is given.)"""
     if search.algorithm != "optuna":
-        return None
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=seed)
     try:
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as err:
         raise ConfigError(f"search.algorithm: optuna needs the optuna package ({err}); "
                           "pip install 'gdml[tune]'") from None
-    return OptunaSearch(seed=seed)
+    optuna = OptunaSearch(seed=seed)
+    return ConcurrencyLimiter(optuna, max_concurrent=max_concurrent) if max_concurrent else optuna
 
 
 def trial_config(base: Config, params: dict[str, Any]) -> Config:
@@ -307,8 +312,8 @@ def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
                        "sweep.num_samples": spec.search.num_samples,
                        **{f"space.{k}": v.model_dump_json(exclude_none=True) for k, v in spec.search.space.items()}})
     s = spec.search
-    search_alg = search_algorithm(s, base.train.seed)
     parallel = folds_in_parallel(base)
+    search_alg = search_algorithm(s, base.train.seed, concurrency(base, s.max_concurrent, parallel))
     # ASHA's time: epochs, or with folds in sequence, folds (it may stop a trial after its first fold)
     max_t = base.tune.folds if base.tune.folds > 1 and not parallel else base.train.epochs
     scheduler = ASHAScheduler(max_t=max_t, grace_period=min(s.asha.grace_period, max_t),
@@ -324,7 +329,7 @@ def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
         tune.with_resources(_trial, {"CPU": 0, "memory": 256 * 2**20}),
         param_space=space,
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
-                                    search_alg=search_alg, max_concurrent_trials=concurrency(base, s.max_concurrent, parallel)),
+                                    search_alg=search_alg),
         run_config=tune.RunConfig(name=sweep_name, storage_path=base.train.storage_path, verbose=1 if progress else 0),
     )
     with parent:

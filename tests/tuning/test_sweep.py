@@ -92,6 +92,28 @@ def test_optuna_search_is_seeded():
     assert proposals(0) == proposals(0) != proposals(1)
 
 
+@pytest.mark.ray
+def test_random_search_is_seeded_and_keeps_its_concurrency_limit(tmp_path):
+    """The same train.seed proposes the same random trials (another seed others), through Tune itself."""
+    from ray import tune
+
+    from pipeline.launch import init_ray
+
+    spec = sweep.SweepSpec(base="base.yaml", search=sweep.Search(algorithm="random", num_samples=3, space={
+        "model.adversary.weight": sweep.Param(type="loguniform", low=0.01, high=1.0),
+        "model.attention.taps": sweep.Param(type="choice", values=[["layer2"], ["layer3"], ["layer2", "layer3"]])}))
+    init_ray()
+
+    def proposals(seed):
+        alg = sweep.search_algorithm(spec.search, seed, max_concurrent=1)
+        assert alg.max_concurrent == 1  # Tune ignores max_concurrent_trials beside a given generator
+        tuner = tune.Tuner(lambda config: {"score": 0.0}, param_space=sweep.tune_space(spec), tune_config=tune.TuneConfig(
+            num_samples=3, search_alg=alg), run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0))
+        return sorted(str(sorted(r.config.items())) for r in tuner.fit())
+
+    assert proposals(0) == proposals(0) != proposals(1)
+
+
 def _runs_by_mode(uri):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("sweeps")
