@@ -241,7 +241,8 @@ def init_ray() -> None:
 
 def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress: bool = True,
         extra: dict[str, Any] | None = None, callbacks: list | None = None) -> tuple[str, list[dict]]:
-    """Train with Ray Train (or in-process); returns the final checkpoint directory and the per-epoch metrics.
+    """Train with Ray Train (or in-process); returns the final checkpoint directory and the per-epoch metrics
+    (in local mode the last epoch's only).
 
     A run whose storage already holds checkpoints (the same ``name``) resumes from the newest one.
     ``extra`` adds keys to the worker's config (e.g. ``trace_dir``, see ``pipeline.train``).
@@ -296,6 +297,8 @@ def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress
     history = []
     if result.metrics_dataframe is not None:
         history = result.metrics_dataframe.to_dict("records")
+    elif result.metrics:  # local mode (Train V2 without workers) keeps no table of reports: the last one only
+        history = [dict(result.metrics)]
     return checkpoint, history
 
 

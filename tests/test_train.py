@@ -74,6 +74,18 @@ def test_local_training_logs_metrics_and_a_safe_checkpoint(tiny_cfg):
 
 
 @pytest.mark.slow
+def test_local_fit_returns_the_last_epochs_metrics(tiny_cfg):
+    """Local mode keeps no table of reports: fit still hands back the last epoch's (benchmarks read it)."""
+    from pipeline.launch import fit
+    from pipeline.tracking import Tracker
+
+    cfg = tiny_cfg.model_copy(update={"train": tiny_cfg.train.model_copy(update={"epochs": 2})})
+    checkpoint, history = fit(cfg, Tracker(None, None), "history", local=True, progress=False)
+    assert checkpoint and len(history) == 1
+    assert history[0]["epoch"] == 2 and history[0]["steps"] > 0 and history[0]["epoch_seconds"] > 0
+
+
+@pytest.mark.slow
 def test_training_reduces_the_metric_loss(tiny_cfg):
     train = tiny_cfg.train.model_copy(update={"epochs": 6, "lr": 3e-3, "lr_heads": 3e-3})
     model = tiny_cfg.model.model_copy(update={"adversary": tiny_cfg.model.adversary.model_copy(update={"enabled": False})})
