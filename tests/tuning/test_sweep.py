@@ -92,26 +92,25 @@ def test_optuna_search_is_seeded():
     assert proposals(0) == proposals(0) != proposals(1)
 
 
-@pytest.mark.ray
-def test_random_search_is_seeded_and_keeps_its_concurrency_limit(tmp_path):
-    """The same train.seed proposes the same random trials (another seed others), through Tune itself."""
+def test_random_search_is_seeded_and_keeps_its_concurrency_limit():
+    """The same train.seed proposes the same random trials (another seed others), from Tune's own generator."""
     from ray import tune
-
-    from pipeline.launch import init_ray
 
     spec = sweep.SweepSpec(base="base.yaml", search=sweep.Search(algorithm="random", num_samples=3, space={
         "model.adversary.weight": sweep.Param(type="loguniform", low=0.01, high=1.0),
         "model.attention.taps": sweep.Param(type="choice", values=[["layer2"], ["layer3"], ["layer2", "layer3"]])}))
-    init_ray()
+    tune.register_trainable("gdml_noop", lambda config: None)
 
     def proposals(seed):
-        alg = sweep.search_algorithm(spec.search, seed, max_concurrent=1)
-        assert alg.max_concurrent == 1  # Tune ignores max_concurrent_trials beside a given generator
-        tuner = tune.Tuner(lambda config: {"score": 0.0}, param_space=sweep.tune_space(spec), tune_config=tune.TuneConfig(
-            num_samples=3, search_alg=alg), run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0))
-        return sorted(str(sorted(r.config.items())) for r in tuner.fit())
+        alg = sweep.search_algorithm(spec.search, seed)
+        alg.add_configurations({"noop": {"run": "gdml_noop", "config": sweep.tune_space(spec), "num_samples": 3}})
+        return [alg.next_trial().config for _ in range(3)]
 
     assert proposals(0) == proposals(0) != proposals(1)
+    # Tune ignores max_concurrent_trials beside a generator it is given: the limit is set on the generator
+    assert sweep.search_algorithm(spec.search, 0, max_concurrent=2).max_concurrent == 2
+    optuna = sweep.SweepSpec(base="base.yaml", search=sweep.Search(algorithm="optuna", space=spec.search.space))
+    assert sweep.search_algorithm(optuna.search, 0, max_concurrent=2).max_concurrent == 2
 
 
 def _runs_by_mode(uri):
