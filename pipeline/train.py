@@ -8,6 +8,8 @@ function in the driver process. The driver (``pipeline.launch``) passes a plain 
 - ``name``: the run's name; its checkpoints live in ``train.storage_path/name``;
 - ``checkpoint_root``: local mode only, where checkpoints are written (Ray Train persists them otherwise);
 - ``fault_marker``: a file that makes each injected fault happen once per run;
+- ``epoch_gate`` (sweeps): a ``pipeline.pacing.EpochGate``; every rank waits at it before each epoch until the
+  trial lets that epoch start (so that a trial stopped at a rung trains no further);
 - ``trace_dir`` (tests): each rank writes there the labels of every batch it trained on, the devices its
   parameters and batches were on, its process id, and each epoch it completed;
 - ``synthetic_batches`` (benchmarks): train on this many fixed random batches held in device memory instead of
@@ -462,7 +464,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         (trace / f"rank{w.rank}.pid").write_text(str(os.getpid()))
     first_epoch, step = resume(w)
     distribute(w)
+    gate = config.get("epoch_gate")
     for epoch in range(first_epoch, w.cfg.train.epochs):
+        if gate is not None:
+            ray.get(gate.wait.remote(epoch))
         metrics, step = train_epoch(w, epoch, step)
         if trace:  # written before the checkpoint exists: a loss after it cannot hide a trained epoch
             with (trace / f"rank{w.rank}-epochs.log").open("a") as f:

@@ -152,9 +152,7 @@ def trial_config(base: Config, params: dict[str, Any]) -> Config:
 def _trial(params: dict[str, Any]) -> None:
     """One Tune trial: a TorchTrainer (k of them with ``tune.folds``) whose per-epoch reports Tune sees."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.launch import fit
     from pipeline.variants import variant_of
 
     ctx = params.pop("__gdml")
@@ -164,10 +162,10 @@ def _trial(params: dict[str, Any]) -> None:
                                tags={"mlflow.parentRunId": ctx["parent"], "variant": variant_of(cfg),
                                      "gdml.sweep": ctx["sweep"], "mode": "tune-trial"}) as tracker:
         tracker.log_params({**cfg.flat(), **{f"trial.{k}": v for k, v in params.items()}})
-        if cfg.tune.folds == 1:
-            fit(cfg, tracker, name, local=False, progress=False, callbacks=[TuneReportCallback()])
+        if cfg.tune.folds > 1 and not ctx["parallel"]:
+            _folds_in_sequence(cfg, tracker, name, ctx)
         else:
-            _fit_folds(cfg, tracker, name, ctx)
+            _paced_trainings(cfg, tracker, name, ctx)
 
 
 def fold_summary(scores: list[float]) -> tuple[float, float]:
@@ -178,85 +176,103 @@ def fold_summary(scores: list[float]) -> tuple[float, float]:
     return mean, (var / k) ** 0.5
 
 
-def _fit_folds(cfg: Config, tracker: tracking.Tracker, name: str, ctx: dict[str, Any]) -> None:
-    """k trainings of one trial, each holding out one fold of the training classes (each an MLflow run under
-    the trial's run). The trial reports the mean over folds (``metric``), its standard error (``metric_se``)
-    and each fold's score (``fold<i>/metric``); ASHA decides on that running mean:
+def _start(cfg: Config, tracker: tracking.Tracker, name: str, ctx: dict[str, Any], fold: int | None,
+           callbacks: list, extra: dict[str, Any] | None = None) -> list[dict]:
+    """One training of a trial (``fold``: None for the trial itself, else that fold under its own MLflow run
+    inside the trial's); returns its per-epoch reports."""
+    from pipeline.launch import fit
 
-    - folds in parallel (the cluster holds k trainings at once): after epoch e of every fold, the mean at e;
-    - folds in sequence (it does not): after each fold, the mean over the folds done so far, so that ASHA can
-      stop a weak trial after its first fold instead of training all k.
-    """
-    metric, k = ctx["metric"], cfg.tune.folds
-
-    def start(fold: int, callbacks: list) -> list[dict]:
-        fold_cfg = config_mod.with_values(cfg, {"tune.fold": fold})
-        fold_name = f"{name}-fold{fold}"
-        from pipeline.launch import fit
-
-        with tracking.Tracker.open(tracker.uri, cfg.tracking.experiment, fold_name,
-                                   tags={"mlflow.parentRunId": tracker.run_id or "", "mode": "tune-fold",
-                                         "gdml.sweep": ctx["sweep"]}) as fold_tracker:
-            fold_tracker.log_params(fold_cfg.flat())
-            return fit(fold_cfg, fold_tracker, fold_name, local=False, progress=False, callbacks=callbacks)[1]
-
-    def report(step: int, scores: list[float], extra: dict[str, Any]) -> None:
-        from ray import tune
-
-        mean, se = fold_summary(scores)
-        out = {metric: mean, f"{metric}_se": se, **{f"fold{f}/{metric}": v for f, v in enumerate(scores)}}
-        tracker.log_metrics(out, step=step)
-        tune.report({**out, **extra})
-
-    if not ctx["parallel"]:
-        scores: list[float] = []
-        for fold in range(k):
-            history = start(fold, [])
-            scores.append(float(history[-1][metric]))
-            report(fold + 1, scores, {"folds_done": fold + 1, "epoch": cfg.train.epochs})
-        return
-    _parallel_folds(k, metric, start, report)
+    if fold is None:
+        return fit(cfg, tracker, name, local=False, progress=False, callbacks=callbacks, extra=extra)[1]
+    fold_cfg = config_mod.with_values(cfg, {"tune.fold": fold})
+    fold_name = f"{name}-fold{fold}"
+    with tracking.Tracker.open(tracker.uri, cfg.tracking.experiment, fold_name,
+                               tags={"mlflow.parentRunId": tracker.run_id or "", "mode": "tune-fold",
+                                     "gdml.sweep": ctx["sweep"]}) as fold_tracker:
+        fold_tracker.log_params(fold_cfg.flat())
+        return fit(fold_cfg, fold_tracker, fold_name, local=False, progress=False, callbacks=callbacks,
+                   extra=extra)[1]
 
 
-def _parallel_folds(k: int, metric: str, start: Any, report: Any) -> None:
-    """Start the k trainings together; report the mean over folds once every fold has reported epoch e."""
+def _report_folds(tracker: tracking.Tracker, metric: str, step: int, scores: list[float],
+                  extra: dict[str, Any]) -> None:
+    """A k-fold trial's report: the mean over folds (``metric``), its standard error (``metric_se``) and each
+    fold's score (``fold<i>/metric``), to Tune and to the trial's MLflow run."""
+    from ray import tune
+
+    mean, se = fold_summary(scores)
+    out = {metric: mean, f"{metric}_se": se, **{f"fold{f}/{metric}": v for f, v in enumerate(scores)}}
+    tracker.log_metrics(out, step=step)
+    tune.report({**out, **extra})
+
+
+def _folds_in_sequence(cfg: Config, tracker: tracking.Tracker, name: str, ctx: dict[str, Any]) -> None:
+    """The cluster holds one training of the trial at a time: its k folds one after another, a report after
+    each with the mean over the folds done so far, so that ASHA can stop a weak trial after its first fold
+    instead of training all k (a fold starts only once Tune has accepted the report before it)."""
+    metric, scores = ctx["metric"], []
+    for fold in range(cfg.tune.folds):
+        history = _start(cfg, tracker, name, ctx, fold, [])
+        scores.append(float(history[-1][metric]))
+        _report_folds(tracker, metric, fold + 1, scores, {"folds_done": fold + 1, "epoch": cfg.train.epochs})
+
+
+def _paced_trainings(cfg: Config, tracker: tracking.Tracker, name: str, ctx: dict[str, Any]) -> None:
+    """The trial's training (or its k fold trainings, side by side), paced by Tune: after epoch e of every
+    training the trial reports (the training's own metrics; with folds the mean over folds, see
+    ``_report_folds``), and epoch e + 1 starts only once Tune has accepted that report (``pipeline.pacing``),
+    so that a trial ASHA stops at a rung trains no further. The last report waits until every training has
+    finished (its runs closed, its checkpoint kept): ASHA ends a trial at its last epoch too."""
     import threading
 
+    from ray import tune
     from ray.util.queue import Queue
 
+    from pipeline.pacing import EpochGate
+
+    folds, metric, last = cfg.tune.folds, ctx["metric"], cfg.train.epochs
     queue = Queue(actor_options={"num_cpus": 0})
+    gate = EpochGate.remote()
     errors: dict[int, BaseException] = {}
 
     def one(fold: int) -> None:
         try:
-            start(fold, [FoldReport(queue, fold)])
+            _start(cfg, tracker, name, ctx, fold if folds > 1 else None, [EpochReport(queue, fold)],
+                   {"epoch_gate": gate})
         except BaseException as err:  # noqa: BLE001 - handed to the trial's thread, which raises it
             errors[fold] = err
         finally:
             queue.put((fold, None))
 
-    threads = [threading.Thread(target=one, args=(f,), name=f"fold{f}", daemon=True) for f in range(k)]
+    threads = [threading.Thread(target=one, args=(f,), name=f"training{f}", daemon=True) for f in range(folds)]
     for t in threads:
         t.start()
     reports: dict[int, dict[int, dict]] = {}
     done: set[int] = set()
     epoch = 1
-    while len(done) < k:
+    while epoch <= last:
         fold, metrics = queue.get()
         if metrics is None:
             done.add(fold)
             if fold in errors:
                 raise errors[fold]
-            continue
-        reports.setdefault(int(metrics["epoch"]), {})[fold] = metrics
-        while len(reports.get(epoch, {})) == k:
-            report(epoch, [float(reports[epoch][f][metric]) for f in range(k)], {"epoch": epoch})
-            epoch += 1
+        else:
+            reports.setdefault(int(metrics["epoch"]), {})[fold] = metrics
+        while len(reports.get(epoch, {})) == folds and (epoch < last or len(done) == folds):
+            if folds == 1:
+                tune.report(reports[epoch][0])
+            else:
+                _report_folds(tracker, metric, epoch, [float(reports[epoch][f][metric]) for f in range(folds)],
+                              {"epoch": epoch})
+            epoch += 1  # tune.report returned: Tune lets the trial go on
+            gate.open.remote(epoch)
+        if len(done) == folds and epoch <= last:
+            raise RuntimeError(f"trial {name}: its trainings ended before reporting epoch {epoch} of {last}")
     for t in threads:
         t.join()
 
 
-class FoldReport(UserCallback):
+class EpochReport(UserCallback):
     """A Ray Train callback (it runs in the training's controller) that hands rank 0's report to the trial."""
 
     def __init__(self, queue: Any, fold: int) -> None:
@@ -281,19 +297,13 @@ def _capacity(cfg: Config) -> tuple[int, float]:
     return per_run, have
 
 
-def folds_in_parallel(cfg: Config) -> bool:
-    """Whether the cluster holds a trial's k fold trainings at once (else they run one after another)."""
+def trial_plan(cfg: Config, requested: int | None = None) -> tuple[bool, int]:
+    """(whether a trial's k fold trainings run side by side, how many trials run at once). Each training needs
+    train.workers x cpus_per_worker CPUs (or workers GPUs); a trial's folds run side by side when the cluster
+    holds all k at once, else one after another; ``requested`` (search.max_concurrent) overrides the count."""
     per_run, have = _capacity(cfg)
-    return cfg.tune.folds > 1 and have >= per_run * cfg.tune.folds
-
-
-def concurrency(cfg: Config, requested: int | None, parallel_folds: bool = False) -> int:
-    """Trials that fit at once: each needs train.workers x cpus_per_worker CPUs (or workers GPUs), k times over
-    where its folds train in parallel (``parallel_folds``, from ``folds_in_parallel``)."""
-    per_run, have = _capacity(cfg)
-    if requested:
-        return requested
-    return max(1, int(have // (per_run * (cfg.tune.folds if parallel_folds else 1))))
+    parallel = cfg.tune.folds > 1 and have >= per_run * cfg.tune.folds
+    return parallel, requested or max(1, int(have // (per_run * (cfg.tune.folds if parallel else 1))))
 
 
 def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
@@ -312,8 +322,8 @@ def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
                        "sweep.num_samples": spec.search.num_samples,
                        **{f"space.{k}": v.model_dump_json(exclude_none=True) for k, v in spec.search.space.items()}})
     s = spec.search
-    parallel = folds_in_parallel(base)
-    search_alg = search_algorithm(s, base.train.seed, concurrency(base, s.max_concurrent, parallel))
+    parallel, at_once = trial_plan(base, s.max_concurrent)
+    search_alg = search_algorithm(s, base.train.seed, at_once)
     # ASHA's time: epochs, or with folds in sequence, folds (it may stop a trial after its first fold)
     max_t = base.tune.folds if base.tune.folds > 1 and not parallel else base.train.epochs
     scheduler = ASHAScheduler(max_t=max_t, grace_period=min(s.asha.grace_period, max_t),

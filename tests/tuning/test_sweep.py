@@ -241,6 +241,40 @@ def test_a_three_trial_optuna_sweep_on_two_folds_submitted_through_the_ray_jobs_
     assert again["map_at_r"] == pytest.approx(final.data.metrics["test/map_at_r"], abs=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_trial_tune_stops_after_its_first_epoch_trains_no_further(tmp_path, tiny_shards):
+    """Tune's decisions take effect at the epoch they are made: the trial's Ray Train workers wait before each
+    epoch until Tune has accepted the report before it, so a trial stopped after epoch 1 (as ASHA stops one at
+    its first rung) neither trains nor reports epoch 2."""
+    import ray
+    from ray import tune
+
+    from pipeline.checkpoint import load_latest
+    from pipeline.launch import init_ray, prepare
+
+    spec, base = sweep.load_spec(_write_sweep(tmp_path, tiny_shards), ["train.epochs=3"])
+    base, uri, _ = prepare(base, local=False)
+    ctx = {"base": base.to_dict(), "uri": uri, "parent": "", "sweep": "paced", "metric": "val/recall_at_1",
+           "parallel": False}
+    try:
+        init_ray()
+        results = tune.Tuner(tune.with_resources(sweep._trial, {"CPU": 0, "memory": 2**28}),
+                             param_space={"model.adversary.weight": 0.1, "__gdml": ctx},
+                             run_config=tune.RunConfig(name="paced", storage_path=base.train.storage_path,
+                                                       stop={"training_iteration": 1}, verbose=0)).fit()
+        trial_id = results[0].metrics["trial_id"]
+        time.sleep(3)  # were a rank still training, epoch 2 would reach its checkpoint within this
+    finally:
+        ray.shutdown()
+    assert results[0].error is None and len(results[0].metrics_dataframe) == 1
+    latest = load_latest(base.train.storage_path, f"paced-{trial_id}")
+    assert latest is not None and latest[1]["epoch"] == 1
+    run = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("sweeps").experiment_id])[0]
+    assert [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "val/recall_at_1")] == [1]
+
+
 def test_set_values_keep_their_yaml_types(tmp_path, tiny_shards):
     path = _write_sweep(tmp_path, tiny_shards)
     spec = yaml.safe_load(path.read_text())
