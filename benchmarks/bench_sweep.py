@@ -2,7 +2,8 @@
 ASHA's pick is within one standard error of the full grid's best.
 
 Both sweeps run the same grid (4 adversarial weights x 4 tap sets: the same 16 trials of 8 epochs; ``--quick``:
-2 x 2 of 2 epochs), the same seed and budget, validation on held-out training classes, and no final retrain; the ASHA sweep uses the defaults of
+2 x 2 of 2 epochs, a smoke run of about 8 minutes here), the same seed and budget, validation on held-out
+training classes, and no final retrain; the ASHA sweep uses the defaults of
 ``search.asha`` (tuning/sweep.py). The pick is judged on the full grid's own scores: the score that ASHA's choice
 reached when run to the end, against the best one, in units of the best one's standard error (the binomial
 standard error of Recall@1 over the validation queries, sqrt(p (1 - p) / n)). The RESULT line is the ratio of
