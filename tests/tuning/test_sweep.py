@@ -272,7 +272,9 @@ def test_a_trial_tune_stops_after_its_first_epoch_trains_no_further(tmp_path, ti
     latest = load_latest(base.train.storage_path, f"paced-{trial_id}")
     assert latest is not None and latest[1]["epoch"] == 1
     run = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("sweeps").experiment_id])[0]
-    assert [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "val/recall_at_1")] == [1]
+    # (epoch 1's metrics may still be in rank 0's send queue when the stopped trial's processes end; none of
+    # epoch 2's may exist)
+    assert {m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "val/recall_at_1")} <= {1}
 
 
 def test_set_values_keep_their_yaml_types(tmp_path, tiny_shards):
