@@ -5,7 +5,8 @@ controller -> trial -> Tune's scheduler). Without pacing the workers go straight
 the scheduler is still deciding, so a trial that ASHA stops at a rung has already paid for (much of) one more
 epoch: with a grace period of one epoch that doubles the cost of every trial stopped at the first rung. With an
 ``EpochGate`` in the worker's config (``epoch_gate``), every rank waits before epoch ``e`` (0-based) until the
-driver has opened ``e`` epochs, which a sweep's trial does once Tune has accepted the report of epoch ``e``.
+driver has let ``e + 1`` epochs start, which a sweep's trial does once Tune has accepted the report of epoch
+``e`` (1-based: the one before).
 The wait is one round trip per epoch (well under a second); a stopped trial ends while its ranks wait.
 """
 
@@ -34,6 +35,3 @@ class EpochGate:
         """Return once epoch ``epoch`` (0-based) may start."""
         async with self._changed:
             await self._changed.wait_for(lambda: self._open > epoch)
-
-    def opened(self) -> int:
-        return self._open

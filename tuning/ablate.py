@@ -122,12 +122,10 @@ def run(cfg: Config, losses: list[str], seeds: list[int], progress: bool = True,
     started = time.perf_counter()
     space = {"variant": tune.grid_search(variants), "loss": tune.grid_search(losses),
              "seed": tune.grid_search(seeds), "__gdml": {"base": cfg.to_dict(), "parent": parent.run_id, "name": name}}
-    from tuning.sweep import trial_plan
+    from tuning.sweep import TRIAL_RESOURCES, trial_plan
 
     tuner = tune.Tuner(
-        # The trial function only drives; its TorchTrainer's workers take the CPUs (or GPUs), so the number of
-        # runs at once is capped by what their workers need (else every trial would start and wait).
-        tune.with_resources(_run_one, {"CPU": 0, "memory": 256 * 2**20}),
+        tune.with_resources(_run_one, TRIAL_RESOURCES),
         param_space=space,
         tune_config=tune.TuneConfig(max_concurrent_trials=trial_plan(cfg)[1]),
         run_config=tune.RunConfig(name=name, storage_path=cfg.train.storage_path, verbose=1 if progress else 0),

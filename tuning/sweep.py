@@ -162,7 +162,7 @@ def _trial(params: dict[str, Any]) -> None:
                                tags={"mlflow.parentRunId": ctx["parent"], "variant": variant_of(cfg),
                                      "gdml.sweep": ctx["sweep"], "mode": "tune-trial"}) as tracker:
         tracker.log_params({**cfg.flat(), **{f"trial.{k}": v for k, v in params.items()}})
-        if cfg.tune.folds > 1 and not ctx["parallel"]:
+        if ctx["in_sequence"]:
             _folds_in_sequence(cfg, tracker, name, ctx)
         else:
             _paced_trainings(cfg, tracker, name, ctx)
@@ -298,12 +298,26 @@ def _capacity(cfg: Config) -> tuple[int, float]:
 
 
 def trial_plan(cfg: Config, requested: int | None = None) -> tuple[bool, int]:
-    """(whether a trial's k fold trainings run side by side, how many trials run at once). Each training needs
-    train.workers x cpus_per_worker CPUs (or workers GPUs); a trial's folds run side by side when the cluster
-    holds all k at once, else one after another; ``requested`` (search.max_concurrent) overrides the count."""
+    """(whether a trial's k > 1 fold trainings run one after another, how many trials run at once). Each training
+    needs train.workers x cpus_per_worker CPUs (or workers GPUs); a trial's folds run side by side when the
+    cluster holds all k at once, else in sequence; ``requested`` (search.max_concurrent) overrides the count."""
     per_run, have = _capacity(cfg)
-    parallel = cfg.tune.folds > 1 and have >= per_run * cfg.tune.folds
-    return parallel, requested or max(1, int(have // (per_run * (cfg.tune.folds if parallel else 1))))
+    side_by_side = have >= per_run * cfg.tune.folds
+    in_sequence = cfg.tune.folds > 1 and not side_by_side
+    return in_sequence, requested or max(1, int(have // (per_run * (cfg.tune.folds if side_by_side else 1))))
+
+
+TRIAL_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
+"""What a trial's own process takes: it only drives; its TorchTrainer's workers take the CPUs (or GPUs), so
+the number of trials at once is capped by what their workers need (``trial_plan``), else every trial would
+start and wait."""
+
+
+def trial_context(base: Config, uri: str | None, parent_run_id: str, sweep_name: str, metric: str,
+                  in_sequence: bool) -> dict[str, Any]:
+    """What every trial of a sweep is handed beside its searched values (``__gdml`` in its config)."""
+    return {"base": base.to_dict(), "uri": uri, "parent": parent_run_id, "sweep": sweep_name, "metric": metric,
+            "in_sequence": in_sequence}
 
 
 def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
@@ -322,21 +336,21 @@ def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
                        "sweep.num_samples": spec.search.num_samples,
                        **{f"space.{k}": v.model_dump_json(exclude_none=True) for k, v in spec.search.space.items()}})
     s = spec.search
-    parallel, at_once = trial_plan(base, s.max_concurrent)
+    in_sequence, at_once = trial_plan(base, s.max_concurrent)
     search_alg = search_algorithm(s, base.train.seed, at_once)
     # ASHA's time: epochs, or with folds in sequence, folds (it may stop a trial after its first fold)
-    max_t = base.tune.folds if base.tune.folds > 1 and not parallel else base.train.epochs
+    max_t = base.tune.folds if in_sequence else base.train.epochs
     scheduler = ASHAScheduler(max_t=max_t, grace_period=min(s.asha.grace_period, max_t),
                               reduction_factor=s.asha.reduction_factor) if s.asha else None
     if base.tune.folds > 1:
         print(f"gdml: {base.tune.folds} class-disjoint folds per trial, "
-              + ("trained in parallel (ASHA on the mean over folds per epoch)" if parallel else
-                 "trained one after another (the cluster holds one at a time; ASHA on the running mean per fold)"),
+              + ("trained one after another (the cluster holds one at a time; ASHA on the running mean per fold)"
+                 if in_sequence else "trained in parallel (ASHA on the mean over folds per epoch)"),
               flush=True)
-    space = {**tune_space(spec), "__gdml": {"base": base.to_dict(), "uri": uri, "parent": parent.run_id,
-                                             "sweep": sweep_name, "metric": s.metric, "parallel": parallel}}
+    space = {**tune_space(spec),
+             "__gdml": trial_context(base, uri, parent.run_id, sweep_name, s.metric, in_sequence)}
     tuner = tune.Tuner(
-        tune.with_resources(_trial, {"CPU": 0, "memory": 256 * 2**20}),
+        tune.with_resources(_trial, TRIAL_RESOURCES),
         param_space=space,
         tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
                                     search_alg=search_alg),
@@ -347,8 +361,8 @@ def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
         best = results.get_best_result(metric=s.metric, mode=s.mode)
         best_params = {k: v for k, v in best.config.items() if k != "__gdml"}
         reports = sum(len(r.metrics_dataframe) for r in results if r.metrics_dataframe is not None)
-        # a report is an epoch of one training, of k trainings (folds in parallel), or a whole fold (in sequence)
-        trial_epochs = reports * (1 if base.tune.folds == 1 else base.tune.folds if parallel else base.train.epochs)
+        # a report is a whole fold (folds in sequence), else an epoch of each of the trial's k >= 1 trainings
+        trial_epochs = reports * (base.train.epochs if in_sequence else base.tune.folds)
         _close_children(uri, base.tracking.experiment, sweep_name, best.metrics.get("trial_id"))
         trials = trial_table(results, s.metric, base.tune.folds)
         summary: dict[str, Any] = {"sweep": sweep_name, "parent_run_id": parent.run_id, "best_params": best_params,

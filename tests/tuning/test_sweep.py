@@ -256,11 +256,10 @@ def test_a_trial_tune_stops_after_its_first_epoch_trains_no_further(tmp_path, ti
 
     spec, base = sweep.load_spec(_write_sweep(tmp_path, tiny_shards), ["train.epochs=3"])
     base, uri, _ = prepare(base, local=False)
-    ctx = {"base": base.to_dict(), "uri": uri, "parent": "", "sweep": "paced", "metric": "val/recall_at_1",
-           "parallel": False}
+    ctx = sweep.trial_context(base, uri, "", "paced", "val/recall_at_1", in_sequence=False)
     try:
         init_ray()
-        results = tune.Tuner(tune.with_resources(sweep._trial, {"CPU": 0, "memory": 2**28}),
+        results = tune.Tuner(tune.with_resources(sweep._trial, sweep.TRIAL_RESOURCES),
                              param_space={"model.adversary.weight": 0.1, "__gdml": ctx},
                              run_config=tune.RunConfig(name="paced", storage_path=base.train.storage_path,
                                                        stop={"training_iteration": 1}, verbose=0)).fit()
