@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo demo-local test test-fast gpu-check clean
+.PHONY: setup demo demo-local lint test test-all test-fast gpu-check clean
 
 setup: $(STAMP)
 
@@ -21,11 +21,19 @@ demo: setup
 demo-local: setup
 	$(BIN)/gdml demo --local
 
-test: setup
+lint: setup
+	$(BIN)/ruff check .
+
+# The two tiers: `test` (unit tests + one end-to-end pass through each real component, under 10 minutes on 2
+# cores) and `test-all` (everything: fault injection, the Jobs API, outages, benchmark smoke runs; what CI runs).
+test: lint
+	$(BIN)/python -m pytest -m "not full"
+
+test-all: lint
 	$(BIN)/python -m pytest
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not full"
 
 gpu-check: setup
 	$(BIN)/python benchmarks/gpu_check.py

@@ -7,7 +7,7 @@ numba kernels' first call on 200 rows stay outside the timed region. Prints the 
 at most 0.5) and checks that the deterministic metrics are identical. gdml runs its default engine here
 (``ranks`` on a CPU machine); ``--engine knn`` times the FAISS k-NN engine instead.
 
-    .venv/bin/python benchmarks/bench_metrics.py [--quick]
+    .venv/bin/python benchmarks/bench_metrics.py [--quick | --smoke]
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ def measure(side: str, n: int, dim: int, engine: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="15,000 x 512 instead of 60,000 x 512")
+    parser.add_argument("--smoke", action="store_true", help="2,000 x 64 (the test suite runs it: it checks that the "
+                        "benchmark runs, not the speed)")
     parser.add_argument("--side", choices=("gdml", "gdml-same", "pml"))
     parser.add_argument("--n", type=int)
     parser.add_argument("--dim", type=int, default=512)
@@ -83,6 +85,8 @@ def main() -> None:
         print(json.dumps(run_side(args.side, args.n, args.dim, args.engine)))
         return
     n = 15000 if args.quick else 60000
+    if args.smoke:
+        n, args.dim = 2000, 64
     pml = measure("pml", n, args.dim, args.engine)
     same_set = measure("gdml-same", n, args.dim, args.engine)
     gdml = measure("gdml", n, args.dim, args.engine)

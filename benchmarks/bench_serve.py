@@ -16,6 +16,7 @@ import argparse
 import base64
 import io
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -44,12 +45,29 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer queries")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, 48 classes, a 500-item gallery, 10 queries "
+                        "(the test suite runs it: it checks that the benchmark runs, not the speed)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    n_queries, n_batches = (60, 5) if args.quick else (300, 20)
-    cfg = resolve_paths(config_mod.load(ROOT / "configs" / "demo.yaml"))
-    manifest = shards.ensure(cfg.data)
     tmp = Path(tempfile.mkdtemp(prefix="gdml-bench-serve-"))
+    try:
+        run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+SMOKE = {"data.max_classes": 48, "data.image_size": 32, "model.backbone": "timm/test_resnet", "model.pretrained": None,
+         "model.attention.taps": ["layer2", "layer3"], "model.embedding_size": 16, "model.attention.width": 16}
+
+
+def run(args: argparse.Namespace, tmp: Path) -> None:
+    torch.set_num_threads(1)
+    n_queries, n_batches, n_gallery = (60, 5, 10_000) if args.quick else (300, 20, 10_000)
+    values = {}
+    if args.smoke:
+        n_queries, n_batches, n_gallery = 10, 2, 500
+        values = {**SMOKE, "data.root": str(tmp / "data")}
+    cfg = resolve_paths(config_mod.load(ROOT / "configs" / "demo.yaml", values=values))
+    manifest = shards.ensure(cfg.data)
     model = Embedder(cfg.model, manifest["splits"]["train"]["classes"], cfg.data.image_size)
     module = TrainModule(model, MetricLoss(cfg.loss, manifest["splits"]["train"]["classes"], cfg.model.embedding_size))
     save_checkpoint(tmp / "ckpt", module, build_optimizer(module, cfg), torch.amp.GradScaler("cpu", enabled=False),
@@ -70,7 +88,7 @@ def main() -> None:
     model.eval()
     chunks = []
     with torch.no_grad():
-        for start in range(0, 10_000, 250):
+        for start in range(0, n_gallery, 250):
             batch = torch.stack([augment(pil_to_tensor(raw[(start + i) % len(raw)].convert("RGB")))
                                  for i in range(250)])
             chunks.append(model(normalize(batch))[0].numpy())
@@ -86,7 +104,8 @@ def main() -> None:
         (tmp / "gallery.json").write_text(json.dumps({"labels": ["x"] * len(gallery), "paths": ["x"] * len(gallery),
                                                        "nprobe": 16 if built == "ivf" else None}))
         served = RetrievalModel()
-        served.load_context(SimpleNamespace(artifacts={"checkpoint": str(tmp / "ckpt"), "index": str(tmp / f"{kind}.index"),
+        served.load_context(SimpleNamespace(artifacts={"checkpoint": str(tmp / "ckpt"),
+                                                       "index": str(tmp / f"{kind}.index"),
                                                        "gallery": str(tmp / "gallery.json")}))
         served.predict(None, pd.DataFrame({"image": images[:2]}), {"k": 10})  # warm-up
         latencies = []
@@ -103,7 +122,7 @@ def main() -> None:
         rows.append((kind, np.percentile(latencies, 50) * 1000, np.percentile(latencies, 99) * 1000, throughput))
         assert "error" not in out[0]
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(results["exact"], results["ivf"])])
-    print(f"gallery 10,000 x {cfg.model.embedding_size}, {len(images)} single-image queries, k=10, 1 thread")
+    print(f"gallery {len(gallery):,} x {cfg.model.embedding_size}, {len(images)} single-image queries, k=10, 1 thread")
     print(f"{'index':<8}{'p50 ms':>10}{'p99 ms':>10}{'images/s (batch 32)':>22}")
     for kind, p50, p99, tput in rows:
         print(f"{kind:<8}{p50:>10.2f}{p99:>10.2f}{tput:>22.1f}")

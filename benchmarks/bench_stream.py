@@ -15,7 +15,7 @@
    ``--quick``: a tenth): shard build time, manifest size, epoch planning time and memory per rank (16 ranks x
    4 loader workers), first-batch latency; and planning at a quarter of the size, to show it scales linearly.
 
-    .venv/bin/python benchmarks/bench_stream.py [--quick] [--workers 2] [--skip-sop]
+    .venv/bin/python benchmarks/bench_stream.py [--quick | --smoke] [--workers 2] [--skip-sop]
 """
 
 from __future__ import annotations
@@ -117,10 +117,12 @@ def build_shards(source: str, path: Path, out: Path, *extra: str) -> float:
     return time.perf_counter() - started
 
 
-def cub_shaped(tmp: Path, quick: bool, workers: int) -> float:
+def cub_shaped(tmp: Path, quick: bool, workers: int, smoke: bool = False) -> float:
     from synthetic import photo_folder
 
     classes, per_class = (24, 59) if quick else (200, 59)
+    if smoke:
+        classes, per_class = P, 6
     started = time.perf_counter()
     photo_folder(tmp / "cub", classes, per_class)
     files = list((tmp / "cub").rglob("*.jpg"))
@@ -130,6 +132,8 @@ def cub_shaped(tmp: Path, quick: bool, workers: int) -> float:
     seconds = build_shards("folder", tmp / "cub", tmp / "cub-shards", "--set", f"data.train_classes={classes}")
     print(f"gdml shards build: {len(files) / seconds:.0f} images/s ({seconds:.1f} s, 2 processes, bytes copied)")
     batches, rounds = (25, 2) if quick else (80, 3)
+    if smoke:
+        batches, rounds = 2, 1
     runs: dict[str, list[dict]] = {"gdml": [], "imagefolder": []}
     for _ in range(rounds):  # interleaved, so that both sides see the same machine
         runs["gdml"].append(measure("gdml", str(tmp / "cub-shards"), workers, batches))
@@ -166,7 +170,7 @@ def buffer_peak(root: str) -> int:
     return stream.stats.peak_bytes
 
 
-def sop_scale(tmp: Path, quick: bool) -> None:
+def sop_scale(tmp: Path, quick: bool, smoke: bool = False) -> None:
     import psutil
     from synthetic import sop_tree
 
@@ -176,6 +180,8 @@ def sop_scale(tmp: Path, quick: bool) -> None:
     from pipeline.data.transforms import train_augment
 
     images, classes, train_classes = (12_005, 2_263, 1_131) if quick else (120_053, 22_634, 11_318)
+    if smoke:
+        images, classes, train_classes = 1_200, 300, 150
     started = time.perf_counter()
     sop_tree(tmp / "sop", images, classes, train_classes)
     print(f"\nSOP-shaped: generated {images:,} JPEGs in {classes:,} classes in {time.perf_counter() - started:.0f} s")
@@ -222,6 +228,8 @@ def sop_scale(tmp: Path, quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller generated data (under two minutes)")
+    parser.add_argument("--smoke", action="store_true", help="the smallest generated data (the test suite runs it: "
+                        "it checks that the benchmark runs, not the speed)")
     parser.add_argument("--workers", type=int, default=2, help="loader worker processes on both sides")
     parser.add_argument("--skip-sop", action="store_true", help="leave out the SOP-scale part")
     parser.add_argument("--side", choices=("gdml", "imagefolder"))
@@ -233,9 +241,9 @@ def main() -> None:
         print(json.dumps(run(args.path, args.workers, args.batches)))
         return
     with tempfile.TemporaryDirectory(prefix="gdml-bench-stream-") as tmp:
-        ratio = cub_shaped(Path(tmp), args.quick, args.workers)
+        ratio = cub_shaped(Path(tmp), args.quick, args.workers, args.smoke)
         if not args.skip_sop:
-            sop_scale(Path(tmp), args.quick)
+            sop_scale(Path(tmp), args.quick, args.smoke)
     os.sync()
     print(f"RESULT stream_vs_imagefolder={ratio:.2f} goal=>=1.2")
 

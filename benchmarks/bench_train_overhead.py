@@ -6,13 +6,13 @@ same thread count (1), measured in one run:
   (goal: at most 1.05x), timed over the last epoch (after warm-up);
 - throughput of 2 DDP workers (1 CPU each) against 1 worker.
 
-    .venv/bin/python benchmarks/bench_train_overhead.py [--quick]
+    .venv/bin/python benchmarks/bench_train_overhead.py [--quick | --smoke]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +27,11 @@ from pipeline.data.transforms import normalize, train_augment
 from pipeline.launch import fit, resolve_paths
 from pipeline.model.embedder import Embedder
 from pipeline.tracking import Tracker
+
+SMOKE_MODEL = ["model.backbone=timm/test_resnet", "model.pretrained=null", "model.attention.taps=[layer2,layer3]",
+               "model.embedding_size=16", "model.attention.width=16", "model.adversary.hidden=32",
+               "sampler.classes_per_batch=4", "sampler.images_per_class=3", "sampler.batch_size=12",
+               "eval.gap_images=0"]
 
 
 def plain_loop(cfg: Config, manifest: dict, epochs: int) -> float:
@@ -46,8 +51,8 @@ def plain_loop(cfg: Config, manifest: dict, epochs: int) -> float:
         stream.set_epoch(epoch)
         started, n = time.perf_counter(), 0
         for images, labels in train_loader(stream):
-            emb, logits = model(normalize(images), 0.1)
-            loss = loss_fn(emb, labels) + torch.nn.functional.cross_entropy(logits, labels)
+            emb, adversarial = model(normalize(images), 0.1)
+            loss = loss_fn(emb, labels) + torch.nn.functional.cross_entropy(adversarial.logits, labels)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -69,10 +74,13 @@ def gdml_run(cfg: Config, workers: int, name: str) -> tuple[float, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small images and few steps (under two minutes)")
+    parser.add_argument("--smoke", action="store_true", help="the same code path on a tiny model and data (the "
+                        "test suite runs it: it checks that the benchmark runs, not the speed)")
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     tmp = Path(tempfile.mkdtemp(prefix="gdml-bench-"))
     size, classes, steps, epochs = (32, 256, 12, 2) if args.quick else (64, None, 22, 3)
+    if args.smoke:
+        size, classes, steps, epochs = 32, 48, 2, 2
     overrides = [f"data.image_size={size}", f"data.root={tmp / 'data'}", f"train.storage_path={tmp / 'ray'}",
                  f"train.max_steps_per_epoch={steps}", f"train.epochs={epochs}", "train.cpus_per_worker=1",
                  "model.adversary.schedule=constant"]
@@ -80,12 +88,20 @@ def main() -> None:
         overrides.append(f"data.max_classes={classes}")
     else:
         overrides.append("data.root=data/emoji-64")
+    if args.smoke:
+        overrides += SMOKE_MODEL
     cfg = resolve_paths(config_mod.load(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml", overrides))
     manifest = shards.ensure(cfg.data)
 
-    one, n_one = gdml_run(cfg, 1, "bench-1w")
-    plain = plain_loop(cfg, manifest, epochs)
-    two, n_two = gdml_run(cfg, 2, "bench-2w")
+    try:
+        one, n_one = gdml_run(cfg, 1, "bench-1w")
+        plain = plain_loop(cfg, manifest, epochs)
+        two, n_two = gdml_run(cfg, 2, "bench-2w")
+    finally:
+        import ray
+
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
     batch = cfg.sampler.batch_size
     print(f"model {cfg.model.backbone} {size}px, batch {batch}, 1 thread per process, last of {epochs} epochs")
     print(f"plain PyTorch loop       {plain * 1000:8.1f} ms/step")

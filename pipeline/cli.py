@@ -16,7 +16,8 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: Path | None = None) -> None:
-    p.add_argument("--config", type=Path, default=default, help="experiment YAML" + (f" (default {default})" if default else ""))
+    p.add_argument("--config", type=Path, default=default,
+                   help="experiment YAML" + (f" (default {default})" if default else ""))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value by its dotted name, e.g. --set model.adversary.weight=0.3")
 
@@ -156,9 +157,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = {}
     for label, vcfg in variants.items():
+        where = "local" if args.local else f"{vcfg.train.workers} Ray workers"
         print(f"\n== {label}: attention={vcfg.model.attention.enabled} adversary={vcfg.model.adversary.enabled} "
-              f"loss={vcfg.loss.name} epochs={vcfg.train.epochs} ({'local' if args.local else f'{vcfg.train.workers} Ray workers'})",
-              flush=True)
+              f"loss={vcfg.loss.name} epochs={vcfg.train.epochs} ({where})", flush=True)
         results[label] = train_and_evaluate(vcfg, local=args.local, name=f"demo-{slug(label)}-{stamp}",
                                             tags={"demo": stamp})
     elapsed = time.perf_counter() - started
@@ -179,7 +180,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"diagnostics (gap curve every epoch, worst queries, attention maps, per-class table): {spent:.0f} s "
               f"of the {elapsed:.0f} s ({100 * spent / elapsed:.1f}%)")
     if first.tracking_uri:
-        print(f"browse them: {_ui_hint(first.tracking_uri)}  (experiment '{cfg.tracking.experiment}', tag demo={stamp})")
+        print(f"browse them: {_ui_hint(first.tracking_uri)}  "
+              f"(experiment '{cfg.tracking.experiment}', tag demo={stamp})")
     return 0
 
 
@@ -397,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.launch import RayConsole
 
     RayConsole.verbose = args.verbose
+    ray_before = _ray_running()
     try:
         return COMMANDS[args.command](args)
     except ConfigError as err:
@@ -413,16 +416,24 @@ def main(argv: list[str] | None = None) -> int:
               "train.name resumes it from its last checkpoint", file=sys.stderr)
         return 130
     finally:
-        _shutdown_ray()
+        if not ray_before:
+            _shutdown_ray()
+
+
+def _ray_running() -> bool:
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    return ray.is_initialized()
 
 
 def _shutdown_ray() -> None:
-    """Ray started by this process (training, sweeps) goes down with it, also on Ctrl-C or SIGTERM."""
-    if "ray" in sys.modules:
+    """Ray started by the command (training, sweeps) goes down with it, also on Ctrl-C or SIGTERM."""
+    if _ray_running():
         import ray
 
-        if ray.is_initialized():
-            ray.shutdown()
+        ray.shutdown()
 
 
 

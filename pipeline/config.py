@@ -263,6 +263,11 @@ class FaultConfig(_Section):
     """Make the loss NaN at this global step."""
     nan_rank: int | None = Field(None, ge=0)
     """Only on this rank (None: on every rank); the others must then skip or stop alike."""
+    pause_epoch: int | None = Field(None, ge=1)
+    """Every rank stops before this epoch (1-based) until ``pause_file`` exists, having written
+    ``<pause_file>.rank<r>`` (its process id) once it waits: a run held still at a known point, for tests that act
+    on it there (kill a worker, stop a server, interrupt the driver)."""
+    pause_file: str | None = None
 
 
 class TuneConfig(_Section):

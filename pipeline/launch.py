@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,9 +251,11 @@ def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
-    from pipeline.train import train_loop_per_worker
+    from pipeline.train import STAGING_PREFIX, train_loop_per_worker
 
     storage = cfg.train.storage_path
+    for stale in journal_dir(cfg, name).glob(f"{STAGING_PREFIX}*"):  # a rank killed while it staged a checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     resume_from = latest_checkpoint(storage, name)
     loop_config = {"cfg": cfg.to_dict(), "mlflow_uri": tracker.uri, "mlflow_run_id": tracker.run_id,
                    "progress": progress, "name": name, "local": local, "journal_dir": str(journal_dir(cfg, name)),
@@ -401,11 +404,13 @@ def train_and_evaluate(cfg: Config, local: bool = False, name: str | None = None
 
     journal = journal_dir(cfg, name)
     with tracking.Tracker.open(uri, cfg.tracking.experiment, name, journal_dir=journal,
-                               tags={"variant": variant, "mode": "local" if local else "ray", **(tags or {})}) as tracker:
+                               tags={"variant": variant, "mode": "local" if local else "ray", **(tags or {})}
+                               ) as tracker:
         from pipeline.evaluation.diagnostics import unseen_source
 
         tracker.log_params(cfg.flat())
-        tracker.log_params({"gap.unseen": unseen_source(manifest, cfg.train.val_fraction > 0 or cfg.tune.folds > 1, cfg.eval.gap_images)})
+        held_out = cfg.train.val_fraction > 0 or cfg.tune.folds > 1
+        tracker.log_params({"gap.unseen": unseen_source(manifest, held_out, cfg.eval.gap_images)})
         tracker.log_dict(cfg.to_dict(), "config.yaml")
         started = time.perf_counter()
         checkpoint, _ = fit(cfg, tracker, name, local, progress)

@@ -33,7 +33,9 @@ class Capabilities:
     def detect(cls) -> "Capabilities":
         if not torch.cuda.is_available():
             return cls(cuda=False)
-        return cls(cuda=True, bf16=torch.cuda.is_bf16_supported(), name=torch.cuda.get_device_name())
+        # native bf16 only (compute capability 8.0 and up): emulated bf16 autocast on older GPUs is slow
+        return cls(cuda=True, bf16=torch.cuda.is_bf16_supported(including_emulation=False),
+                   name=torch.cuda.get_device_name())
 
 
 def decide_device(requested: str, caps: Capabilities, assigned: torch.device | None = None) -> torch.device:

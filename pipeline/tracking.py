@@ -159,8 +159,12 @@ class _Sender(threading.Thread):
         self.pending: list[dict[str, Any]] = []
         self.done = threading.Condition()
         self.failing = False
+        self.accepted = self.taken = self.tried = 0
+        """Writes put, taken from the inbox, and tried at least once (sent, or kept in the journal)."""
 
     def put(self, op: dict[str, Any]) -> None:
+        with self.done:
+            self.accepted += 1
         self.inbox.put(op)
 
     def unsent(self) -> int:
@@ -170,12 +174,15 @@ class _Sender(threading.Thread):
         while True:
             try:
                 self.pending.append(self.inbox.get(timeout=self.retry if self.pending else None))
+                self.taken += 1
                 while not self.inbox.empty():
                     self.pending.append(self.inbox.get_nowait())
+                    self.taken += 1
             except queue.Empty:
                 pass
             self._send()
             with self.done:
+                self.tried = self.taken
                 self.done.notify_all()
 
     def _send(self) -> None:
@@ -195,6 +202,19 @@ class _Sender(threading.Thread):
             self.tracker.journal.write([])
             log.warning("MLflow tracking at %s answers again: the queued entries were sent", self.tracker.uri)
             self.failing = False
+
+    def drain(self, timeout: float) -> bool:
+        """Until every write queued so far has been tried once: sent, or kept in the journal (which outlives the
+        process); True if so within ``timeout`` seconds. Unlike ``wait``, a server that is down costs no wait."""
+        deadline = time.monotonic() + timeout
+        with self.done:
+            target = self.accepted
+            while self.tried < target:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.done.wait(left)
+        return True
 
     def wait(self, timeout: float) -> bool:
         """Until everything queued is sent, or ``timeout`` seconds; True if everything was sent."""
@@ -216,8 +236,8 @@ class Tracker:
     unsent writes, in order, are the journal ``journal_dir/<journal_name>`` until they go through (``close``
     waits a while for that; ``gdml replay`` sends a journal later).
 
-    As a context manager it ends the run: FINISHED, KILLED on an interrupt (Ctrl-C, SIGTERM), FAILED on any
-    other error.
+    As a context manager it ends the run: FINISHED (also on ``sys.exit(0)``), KILLED on an interrupt (Ctrl-C,
+    SIGTERM), FAILED on any other error.
     """
 
     def __init__(self, uri: str | None, run_id: str | None, journal_dir: str | Path | None = None,
@@ -267,7 +287,8 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
+        # (a Ray Tune trial that Tune ends, at its last epoch or early, leaves its function by sys.exit(0))
+        if exc_type is None or (issubclass(exc_type, SystemExit) and exc.code in (0, None)):
             self.end("FINISHED")
         elif issubclass(exc_type, KeyboardInterrupt):
             self.end("KILLED")
@@ -329,6 +350,10 @@ class Tracker:
         if self._sender is not None:
             return self._sender.unsent()
         return len(self.journal.read()) if self.journal is not None else 0
+
+    def drain(self, timeout: float) -> bool:
+        """Every write so far sent or in the journal (background mode; otherwise that holds already)."""
+        return self._sender.drain(timeout) if self._sender is not None else True
 
     def close(self, timeout: float = 0.0) -> bool:
         """Wait up to ``timeout`` seconds for everything to be sent; True if it was."""

@@ -65,6 +65,8 @@ from pipeline.objectives import MetricLoss, TrainModule
 from pipeline.runtime import Runtime, worker_runtime
 from pipeline.tracking import WORKER_JOURNAL, Tracker, fail_fast_http
 
+STAGING_PREFIX = ".staging-"
+"""Checkpoints on their way to Ray Train's storage are written in ``<journal_dir>/.staging-*`` first."""
 EPOCH_SUMS = ("loss", "loss_dml", "loss_adv", "adv_acc", "adv_grad_norm", "dml_grad_norm")
 
 
@@ -442,7 +444,12 @@ def report(w: Worker, metrics: dict[str, float], epoch: int, step: int) -> None:
     rng_per_rank = _gather_rng(w)
     keep = w.config.get("checkpoint_root")  # local mode: checkpoints stay where they are written
     name = checkpoint_dir_name(epoch)
-    directory = Path(keep) / name if keep else Path(tempfile.mkdtemp(prefix="gdml-ckpt-")) / name
+    # else staged beside the run's journal (a local folder in every mode: a rank killed mid-report leaves its
+    # staging there, where the next start of the run removes it, not in the machine's temp folder)
+    staging = Path(w.config["journal_dir"]) if w.config.get("journal_dir") else None
+    if staging is not None:
+        staging.mkdir(parents=True, exist_ok=True)
+    directory = Path(keep) / name if keep else Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=staging)) / name
     save_checkpoint(directory, w.module, w.optimizer, w.scaler, w.cfg, w.num_train_classes, epoch, step, metrics,
                     extra={"runtime": {"device": str(w.device), "describe": w.run.describe(), "world_size": w.world},
                            "loop": w.resume_state(), "rng_per_rank": rng_per_rank})
@@ -457,6 +464,16 @@ def _mlflow_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k != "epoch"}
 
 
+def _pause(w: Worker, epoch: int) -> None:
+    """``fault.pause_epoch``: wait before that epoch until ``fault.pause_file`` exists (see ``FaultConfig``)."""
+    f = w.cfg.fault
+    if f.pause_epoch != epoch + 1 or not f.pause_file or os.path.exists(f.pause_file):
+        return
+    Path(f"{f.pause_file}.rank{w.rank}").write_text(str(os.getpid()))
+    while not os.path.exists(f.pause_file):
+        time.sleep(0.05)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     w = setup_worker(config)
     trace = Path(config["trace_dir"]) if config.get("trace_dir") else None
@@ -466,7 +483,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     distribute(w)
     gate = config.get("epoch_gate")
     for epoch in range(first_epoch, w.cfg.train.epochs):
+        _pause(w, epoch)
         if gate is not None:
+            w.tracker.drain(timeout=10.0)  # the epoch before is in MLflow (or the journal) before Tune may stop us
             ray.get(gate.wait.remote(epoch))
         metrics, step = train_epoch(w, epoch, step)
         if trace:  # written before the checkpoint exists: a loss after it cannot hide a trained epoch

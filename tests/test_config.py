@@ -1,5 +1,3 @@
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,10 +8,10 @@ from pipeline.config import Config, ConfigError
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_defaults_and_demo_config_are_valid():
-    assert Config().sampler.batch_size == Config().sampler.classes_per_batch * Config().sampler.images_per_class
+def test_the_demo_config_loads_what_its_file_says():
     cfg = config_mod.load(ROOT / "configs" / "demo.yaml")
-    assert cfg.data.source == "emoji"
+    assert cfg.data.source == "emoji" and cfg.model.backbone == "efficientnet_lite0"
+    assert cfg.model.pretrained == "imagenet" and cfg.train.epochs != Config().train.epochs
 
 
 def test_overrides_parse_yaml_values(tmp_path):
@@ -54,15 +52,17 @@ def test_missing_file_is_one_clear_error(tmp_path):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["train", "--set", "model.attention.taps=[layer9]"], "model.attention.taps: 'layer9' is not a layer of resnet18"),
-        (["train", "--set", "data.imagesize=3"], "data.imagesize: unknown key; allowed: source, path, root, image_size"),
-        (["train", "--set", "loss.params={margin: 0.2}"], "loss.params: 'margin' is not a parameter of multi_similarity"),
+        (["train", "--set", "model.attention.taps=[layer9]"],
+         "model.attention.taps: 'layer9' is not a layer of resnet18"),
+        (["train", "--set", "data.imagesize=3"],
+         "data.imagesize: unknown key; allowed: source, path, root, image_size"),
+        (["train", "--set", "loss.params={margin: 0.2}"],
+         "loss.params: 'margin' is not a parameter of multi_similarity"),
     ],
 )
-def test_cli_config_errors_exit_2_with_one_line(args, expected, tmp_path):
+def test_cli_config_errors_exit_2_with_one_line(args, expected, tmp_path, gdml):
     places = ["--set", f"data.root={tmp_path / 'shards'}", "--set", f"train.storage_path={tmp_path / 'ray'}"]
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args, *places], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120)
+    proc = gdml(*args, *places, cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -72,12 +72,12 @@ def test_cli_config_errors_exit_2_with_one_line(args, expected, tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_gdml_backbones_lists_taps_with_channels_and_stride(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "backbones", "--image-size", "64"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+def test_gdml_backbones_lists_taps_with_channels_and_stride(tmp_path, gdml):
+    proc = gdml("backbones", "--image-size", "64", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "bninception  (default taps: inception_4d, inception_4e, inception_5a)" in proc.stdout
-    assert any(line.split()[:5] == ["inception_4e", "channels", "1056", "stride", "32"] for line in proc.stdout.splitlines())
+    assert any(line.split()[:5] == ["inception_4e", "channels", "1056", "stride", "32"]
+               for line in proc.stdout.splitlines())
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -129,10 +129,9 @@ def test_recall_at_needs_positive_ks(value):
         config_mod.load(None, [f"eval.recall_at={value}"])
 
 
-def test_imagenet_weights_that_cannot_be_had_stop_before_any_work(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--set", "model.backbone=bninception",
-                           "--set", "model.pretrained=imagenet", "--set", f"data.root={tmp_path / 'shards'}"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+def test_imagenet_weights_that_cannot_be_had_stop_before_any_work(tmp_path, gdml):
+    proc = gdml("train", "--set", "model.backbone=bninception", "--set", "model.pretrained=imagenet",
+                "--set", f"data.root={tmp_path / 'shards'}", cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "gdml: config error: model.pretrained: imagenet for bninception: BN-Inception's ImageNet weights do not ship "
@@ -150,24 +149,21 @@ def test_imagenet_weights_that_cannot_be_had_stop_before_any_work(tmp_path):
     (["--set", "sampler.classes_per_batch=400", "--set", "sampler.batch_size=1600"],
      "gdml: config error: sampler.classes_per_batch: 400 per batch x 2 ranks x 1 loader workers needs at least 800"),
 ])
-def test_data_checks_run_on_the_plan_before_shards_are_built(args, expected, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--set", f"data.root={tmp_path / 'shards'}",
-                           "--set", f"train.storage_path={tmp_path / 'ray'}", *args],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=180)
+def test_data_checks_run_on_the_plan_before_shards_are_built(args, expected, tmp_path, gdml):
+    proc = gdml("train", "--set", f"data.root={tmp_path / 'shards'}", "--set", f"train.storage_path={tmp_path / 'ray'}",
+                *args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith(expected), proc.stderr
     assert not (tmp_path / "shards").exists() and not (tmp_path / "ray").exists()  # no shards, no checkpoints
     assert not (tmp_path / "mlflow.db").exists()  # nor an MLflow run
 
 
-def test_a_folder_with_one_class_is_one_line_not_a_traceback(tmp_path):
+def test_a_folder_with_one_class_is_one_line_not_a_traceback(tmp_path, gdml):
     from tests.data.test_readers import _jpeg
 
     _jpeg(tmp_path / "raw" / "only" / "a.jpg", 1)
     _jpeg(tmp_path / "raw" / "only" / "b.jpg", 2)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "shards", "build", "--source", "folder", "--path",
-                           str(tmp_path / "raw"), "--out", str(tmp_path / "s")], capture_output=True, text=True,
-                          timeout=120)
+    proc = gdml("shards", "build", "--source", "folder", "--path", tmp_path / "raw", "--out", tmp_path / "s")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "gdml: config error: data.train_fraction: 0.5 of 1 classes leaves no class for the training or the test "

@@ -1,42 +1,48 @@
-"""The demo end to end, shrunken: CLI -> shards -> 2 Ray workers x 2 variants -> FAISS metrics -> MLflow."""
+"""The demo end to end, shrunken: CLI -> shards -> 2 Ray workers x 2 variants -> metrics -> MLflow, and the printed
+table is the MLflow runs' own numbers."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY
+from pipeline import cli
+from tests.conftest import TINY, cli_args
 
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.timeout(480)
-def test_shrunken_demo_prints_both_variants_and_logs_two_runs(tmp_path, tiny_shards):
+@pytest.mark.timeout(300)
+def test_shrunken_demo_prints_both_variants_and_logs_two_runs(tmp_path, tiny_shards, monkeypatch, capsys,
+                                                              shared_ray):
     overrides = {**TINY, "data.root": str(tiny_shards), "train.storage_path": str(tmp_path / "ray"),
                  "train.max_steps_per_epoch": 2}
-    args = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "demo", *args], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=450, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
+    monkeypatch.chdir(tmp_path)  # the demo's default MLflow store: ./mlflow.db
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli.main(["demo", *cli_args(overrides)]) == 0
+    out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("metric"))
     assert header.split()[1:] == ["baseline", "+both"]
-    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in out.splitlines()
-            if re.match(r"^(recall_at_\d|map_at_r|nmi)\s", line)}
-    assert set(rows) == {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "nmi"}
-    assert all(0 <= v <= 1 and len(vals) == 2 for vals in rows.values() for v in vals)
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+            if re.match(r"^(recall_at_\d|map_at_r|r_precision|precision_at_1|nmi)\s", line)}
+    assert set(rows) == {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "r_precision",
+                         "precision_at_1", "nmi"}
     assert "mlflow ui --backend-store-uri" in out
     assert re.search(r"^diagnostics \(gap curve .*\): \d+ s of the \d+ s \(\d+\.\d%\)$", out, re.M), out[-2000:]
+    ids = dict(pair.split("=") for pair in re.search(r"MLflow runs: (.*)$", out, re.M).group(1).split(", "))
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("gdml-demo")
-    runs = client.search_runs([exp.experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("gdml-demo").experiment_id])
     assert sorted(r.data.tags["variant"] for r in runs) == ["+both", "baseline"]
     for run in runs:
-        assert run.info.status == "FINISHED"
-        assert run.data.tags["mode"] == "ray"
-        assert "test/recall_at_1" in run.data.metrics and "loss_dml" in run.data.metrics
+        variant = run.data.tags["variant"]
+        assert ids[variant] == run.info.run_id
+        assert run.info.status == "FINISHED" and run.data.tags["mode"] == "ray"
+        assert run.data.params["runtime.world_size"] == "2"  # two Ray Train workers (DDP)
+        assert run.data.params["model.attention.enabled"] == str(variant == "+both")
+        assert run.data.params["model.adversary.enabled"] == str(variant == "+both")
+        column = ["baseline", "+both"].index(variant)
+        for key, printed in rows.items():  # the printed table is these runs' test metrics
+            assert printed[column] == f"{run.data.metrics[f'test/{key}']:.4f}", (variant, key)
+        assert "loss_dml" in run.data.metrics
         assert run.data.metrics["gap_seconds"] > 0 and run.data.metrics["test/diagnostics_seconds"] > 0

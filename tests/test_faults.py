@@ -1,17 +1,20 @@
 """Resuming, a lost worker, NaN losses, an unreachable tracking server, and the GPU runtime choice."""
 
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from pipeline import config as config_mod
 from pipeline.checkpoint import NonFiniteLoss, latest_checkpoint, load_checkpoint, load_latest
 from pipeline.launch import train_and_evaluate
 from pipeline.runtime import Capabilities, choose, decide_device
-from tests.conftest import TINY
+from tests.conftest import TINY, cli_args, wait_for
 
 
 def _with(cfg, **sections):
@@ -22,6 +25,7 @@ def _history(result, key="loss"):
     return [m.step for m in MlflowClient(result.tracking_uri).get_metric_history(result.run_id, key)]
 
 
+@pytest.mark.full
 @pytest.mark.slow
 def test_more_epochs_on_resume_keep_the_ramp_horizon_and_are_recorded(tiny_cfg):
     """Resuming with more epochs than planned: the DANN ramp keeps the horizon it started with (lambda stays at its
@@ -56,134 +60,145 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert (a["epoch"], a["step"], a["loop"]) == (b["epoch"], b["step"], b["loop"])
 
 
+
+@pytest.mark.full
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.timeout(600)
-def test_lost_workers_restart_then_give_up_in_one_line_and_the_rerun_resumes_exactly(tiny_cfg, tmp_path, monkeypatch):
-    import os
+@pytest.mark.timeout(480)
+def test_lost_workers_restart_then_give_up_in_one_line_and_the_rerun_resumes_exactly(tiny_cfg, tmp_path, monkeypatch,
+                                                                                      shared_ray):
+    """A straight 2-worker run (2 loader workers each: what every rank trained on is traced), and the same run with
+    two losses: rank 1 dies in epoch 2 (Ray Train restarts the group from epoch 1's checkpoint), then rank 0 is
+    killed while both ranks are held before epoch 4 (one restart allowed: the run fails, in one line). The rerun
+    resumes from epoch 3 and ends bit for bit where the straight run did; no epoch was trained twice."""
     import signal
-    import threading
-    import time
-
-    import ray
+    from concurrent.futures import ThreadPoolExecutor
 
     from pipeline import launch
     from pipeline.errors import TrainingFailed
+    from tests.test_train import check_mlflow, check_two_rank_trace
 
-    trace = tmp_path / "trace"
-    trace.mkdir()
     real_fit = launch.fit
-    monkeypatch.setattr(launch, "fit", lambda cfg, tracker, name, local, progress=True: real_fit(
-        cfg, tracker, name, local, progress, extra={"trace_dir": str(trace)} if name == "faulty" else None))
-    steps = 24 // (2 * 4)  # per epoch with 2 ranks and P=4
-    base = _with(tiny_cfg, train={"epochs": 5, "workers": 2, "max_failures": 1})  # the DANN ramp, by default
-    assert base.model.adversary.schedule == "dann"
+
+    def traced_fit(cfg, tracker, name, local, progress=True, extra=None, callbacks=None):
+        trace = tmp_path / f"trace-{name}"
+        trace.mkdir(exist_ok=True)
+        return real_fit(cfg, tracker, name, local, progress, extra={**(extra or {}), "trace_dir": str(trace)},
+                        callbacks=callbacks)
+
+    monkeypatch.setattr(launch, "fit", traced_fit)
+    base = config_mod.with_values(tiny_cfg, {"train.epochs": 5, "train.workers": 2, "train.max_failures": 1,
+                                             "sampler.loader_workers": 2, "sampler.remainder": "drop"})
+    assert base.model.adversary.schedule == "dann"  # the DANN ramp, by default: resuming must keep its horizon
+    steps = 2  # per epoch and rank: 24 classes / (2 ranks x 2 loader workers x P=4), one strict pass
+    straight = train_and_evaluate(config_mod.with_values(base, {"train.name": "straight"}), local=False,
+                                  progress=False)
+    check_mlflow(straight, epochs=5)
+    check_two_rank_trace(tmp_path / "trace-straight", epochs=5)
+    params = MlflowClient(straight.tracking_uri).get_run(straight.run_id).data.params
+    assert params["runtime.loader_workers"] == "2" and params["runtime.world_size"] == "2"
+
+    release = tmp_path / "release"
+    faulty = config_mod.with_values(base, {"train.name": "faulty", "fault.crash_rank": 1,
+                                           "fault.crash_step": steps + 1, "fault.pause_epoch": 4,
+                                           "fault.pause_file": str(release)})
     marker = tmp_path / "ray" / "faulty" / ".fault-injected"
 
-    def kill_a_worker_later() -> None:
-        """After the injected crash and Ray Train's restart, once epoch 3 is checkpointed: SIGKILL rank 0."""
-        while True:
-            latest = load_latest(str(tmp_path / "ray"), "faulty")
-            pid_file = trace / "rank0.pid"
-            if (marker.exists() and latest and latest[1]["epoch"] >= 3
-                    and pid_file.stat().st_mtime > marker.stat().st_mtime):
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
-                return
-            time.sleep(0.1)
+    def kill_rank0_when_held() -> None:
+        """Once the restarted ranks are held before epoch 4 (epoch 3 checkpointed): SIGKILL rank 0, then let go."""
+        held = Path(f"{release}.rank0")
+        wait_for(held.exists, 300, "rank 0 to be held before epoch 4")
+        assert marker.read_text().startswith("rank 1 crashed at step 3")  # the first loss came first
+        os.kill(int(held.read_text()), signal.SIGKILL)
+        release.touch()  # the rerun passes epoch 4's hold
 
-    try:
-        straight = train_and_evaluate(_with(base, train={"name": "straight"}), local=False, progress=False,
-                                      plots=False)
-        killer = threading.Thread(target=kill_a_worker_later, daemon=True)
-        killer.start()
-        faulty = _with(base, train={"name": "faulty"}, fault={"crash_rank": 1, "crash_step": steps + 2})
+    with ThreadPoolExecutor(1) as pool:
+        killer = pool.submit(kill_rank0_when_held)
         with pytest.raises(TrainingFailed) as failed:
             train_and_evaluate(faulty, local=False, progress=False, plots=False)
-        message = str(failed.value)
-        assert "\n" not in message and "train.max_failures" in message and "rank 0: its process died" in message
-        assert "(epoch 3); run again with --set train.name=faulty to resume from it" in message
-        assert marker.read_text().startswith("rank 1 crashed at step")  # the first loss: restarted by Ray Train
-        client = MlflowClient(tiny_cfg.tracking.uri)
-        run = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
-                                 "tags.`gdml.run_name` = 'faulty'")[0]
-        assert run.info.status == "FAILED"
+        killer.result(timeout=60)  # (its own failure, if any, is the test's)
+    message = str(failed.value)
+    assert "\n" not in message and "train.max_failures" in message and "rank 0: its process died" in message
+    assert "(epoch 3); run again with --set train.name=faulty to resume from it" in message
+    client = MlflowClient(tiny_cfg.tracking.uri)
+    [run] = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                               "tags.`gdml.run_name` = 'faulty'")
+    assert run.info.status == "FAILED"
 
-        resumed = train_and_evaluate(_with(faulty, fault={"crash_rank": None, "crash_step": None}), local=False,
-                                     progress=False, plots=False)
-    finally:
-        ray.shutdown()
+    resumed = train_and_evaluate(config_mod.with_values(faulty, {"fault.crash_rank": None, "fault.crash_step": None}),
+                                 local=False, progress=False, plots=False)
     assert resumed.run_id == run.info.run_id and _history(resumed) == [1, 2, 3, 4, 5]  # each epoch logged once
     assert client.get_run(resumed.run_id).info.status == "FINISHED"
     assert_same_state(load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint))
-    for rank in (0, 1):  # no checkpointed epoch was trained again, through two losses and a rerun
-        trained = [int(e) for e in (trace / f"rank{rank}-epochs.log").read_text().split()]
-        assert trained[:3] == [1, 2, 3] and sorted(set(trained)) == [1, 2, 3, 4, 5]
-        # a rank writes an epoch down when its training ends, before the checkpoint: only epoch 4, trained
-        # but not yet checkpointed when rank 0 was killed, may have been trained twice
-        assert [e for e in set(trained) if trained.count(e) > 1] in ([], [4])
+    for rank in (0, 1):  # a rank writes an epoch down when its training ends: each epoch exactly once, in order
+        trained = [int(e) for e in (tmp_path / "trace-faulty" / f"rank{rank}-epochs.log").read_text().split()]
+        assert trained == [1, 2, 3, 4, 5], (rank, trained)
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-@pytest.mark.timeout(400)
-def test_an_interrupted_driver_marks_the_run_killed_stops_ray_and_the_rerun_resumes(tmp_path, tiny_shards, request):
-    import os
-    import shutil
-    import signal
-    import tempfile
-    import time
-
-    import psutil
-
-    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
-    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
-    overrides = {**TINY, "data.root": str(tiny_shards), "train.storage_path": str(tmp_path / "ray"),
-                 "train.epochs": 8, "train.workers": 1, "train.name": "stopped",
-                 "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment": "stop"}
-    args = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_TMPDIR": ray_tmp})
-    deadline = time.monotonic() + 240
-    while not latest_checkpoint(str(tmp_path / "ray"), "stopped") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    driver.send_signal(signal.SIGTERM)
-    _, err = driver.communicate(timeout=120)
-    assert driver.returncode == 130, err[-3000:]
-    assert err.strip().splitlines()[-1].startswith("gdml: interrupted; the MLflow run is marked KILLED")
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    [run] = client.search_runs([client.get_experiment_by_name("stop").experiment_id])
-    assert run.info.status == "KILLED"
-    time.sleep(3)
-    left = [p for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
-    assert not left, [p.info["cmdline"][:3] for p in left]  # Ray went down with the driver
-
-    epoch = load_latest(str(tmp_path / "ray"), "stopped")[1]["epoch"]
-    assert 1 <= epoch < 8
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--local", *args], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = client.get_run(run.info.run_id)
-    assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, 9))
-
-
+@pytest.mark.full
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_a_nan_on_one_rank_stops_every_rank_in_one_line_or_is_skipped_on_every_rank(tiny_cfg):
-    import ray
+def test_an_interrupted_driver_marks_the_run_killed_stops_ray_and_the_rerun_resumes(tmp_path, tiny_shards, request,
+                                                                                     no_shared_ray):
+    """SIGTERM to ``gdml train`` while its worker is held before epoch 2: exit 130 with one line, the MLflow run
+    KILLED, every Ray process the driver started gone; the rerun (local mode) resumes from epoch 1."""
+    import shutil
+    import signal
+    import tempfile
 
+    import psutil
+
+    from pipeline import cli
+
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    release = tmp_path / "release"
+    overrides = {**TINY, "data.root": str(tiny_shards), "train.storage_path": str(tmp_path / "ray"),
+                 "train.epochs": 3, "train.workers": 1, "train.name": "stopped",
+                 "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment": "stop",
+                 "fault.pause_epoch": 2, "fault.pause_file": str(release)}
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", *cli_args(overrides)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "RAY_TMPDIR": ray_tmp})
+    try:
+        wait_for(Path(f"{release}.rank0").exists, 240, "the worker to be held before epoch 2")
+        started = psutil.Process(driver.pid).children(recursive=True)  # the driver's Ray, its worker among them
+        driver.send_signal(signal.SIGTERM)
+        _, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert driver.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("gdml: interrupted; the MLflow run is marked KILLED")
+    _, alive = psutil.wait_procs(started, timeout=60)
+    assert not alive, [p.pid for p in alive]  # Ray went down with the driver
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("stop").experiment_id])
+    assert run.info.status == "KILLED"
+    assert load_latest(str(tmp_path / "ray"), "stopped")[1]["epoch"] == 1  # held before epoch 2
+
+    release.touch()
+    assert cli.main(["train", "--local", *cli_args(overrides)]) == 0
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+
+
+@pytest.mark.full
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_nan_on_one_rank_stops_every_rank_in_one_line_or_is_skipped_on_every_rank(tiny_cfg, shared_ray):
     from pipeline.errors import TrainingFailed
 
     cfg = _with(tiny_cfg, train={"workers": 2, "max_failures": 0, "name": "nan-ddp"},
                 fault={"nan_step": 2, "nan_rank": 1})
-    try:
-        with pytest.raises(TrainingFailed) as failed:
-            train_and_evaluate(cfg, local=False, progress=False, plots=False)
-        skipped = train_and_evaluate(_with(cfg, train={"nonfinite": "skip", "name": "nan-ddp-skip"}), local=False,
-                                     progress=False, plots=False)
-    finally:
-        ray.shutdown()
+    with pytest.raises(TrainingFailed) as failed:
+        train_and_evaluate(cfg, local=False, progress=False, plots=False)
+    skipped = train_and_evaluate(_with(cfg, train={"nonfinite": "skip", "name": "nan-ddp-skip"}), local=False,
+                                 progress=False, plots=False)
     # skip: both ranks drop the same step (rank 1's NaN reaches rank 0 through the all-reduce), the run finishes
     state = load_checkpoint(skipped.checkpoint)
     assert state["metrics"]["skipped_steps"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
@@ -197,16 +212,30 @@ def test_a_nan_on_one_rank_stops_every_rank_in_one_line_or_is_skipped_on_every_r
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_naming_epoch_step_and_term_before_any_checkpoint(tiny_cfg):
-    cfg = _with(tiny_cfg, train={"name": "nan-stop"}, fault={"nan_step": 2})
-    with pytest.raises(NonFiniteLoss, match=r"non-finite loss and gradient norm at epoch 1, step 2 \(global step 2\)"):
+def test_an_interrupted_run_resumes_to_the_weights_of_a_straight_one(trained, tmp_path):
+    """The session's straight 2-epoch run, and the same config stopped by a NaN at the first step of epoch 2 (one
+    line naming epoch, step and term; no checkpoint from it; the run FAILED), then run again: it resumes from epoch
+    1 and ends with the straight run's weights, optimiser, RNG and test metrics, bit for bit (same seed, same
+    state)."""
+    steps = 24 // 4  # per epoch: 24 training classes, P=4
+    cfg = config_mod.with_values(trained.cfg, {"train.name": "interrupted", "train.storage_path": str(tmp_path),
+                                               "fault.nan_step": steps + 1})
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss and gradient norm at epoch 2, step 1 \(global step 7\)"):
         train_and_evaluate(cfg, local=True, progress=False, plots=False)
-    assert latest_checkpoint(cfg.train.storage_path, "nan-stop") is None
+    assert load_latest(str(tmp_path), "interrupted")[1]["epoch"] == 1
     client = MlflowClient(cfg.tracking.uri)
-    run = client.search_runs([client.get_experiment_by_name("tests").experiment_id])[0]
+    [run] = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                               "tags.`gdml.run_name` = 'interrupted'")
     assert run.info.status == "FAILED"
 
+    resumed = train_and_evaluate(config_mod.with_values(cfg, {"fault.nan_step": None}), local=True, progress=False,
+                                 plots=False)
+    assert resumed.run_id == run.info.run_id and _history(resumed) == [1, 2]  # each epoch logged once
+    assert_same_state(load_checkpoint(trained.result.checkpoint), load_checkpoint(resumed.checkpoint))
+    assert resumed.metrics == trained.result.metrics
 
+
+@pytest.mark.full
 @pytest.mark.slow
 def test_nan_loss_can_be_skipped_and_counted(tiny_cfg):
     cfg = _with(tiny_cfg, train={"name": "nan-skip", "nonfinite": "skip"}, fault={"nan_step": 2})
@@ -218,23 +247,24 @@ def test_nan_loss_can_be_skipped_and_counted(tiny_cfg):
 
 
 @pytest.mark.slow
-def test_unreachable_tracking_server_stops_before_training(tmp_path, tiny_shards):
-    base = [sys.executable, "-m", "pipeline.cli", "train", "--local", "--set", f"data.root={tiny_shards}",
-            "--set", f"train.storage_path={tmp_path / 'ray'}", "--set", "tracking.uri=http://127.0.0.1:9",
-            "--set", "train.max_steps_per_epoch=1"]
-    base += [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
-    proc = subprocess.run(base, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+def test_an_unreachable_tracking_server_stops_before_training_unless_tracking_is_optional(tmp_path, tiny_cfg,
+                                                                                          caplog):
+    """Through the real command (its exit code and its one line on stderr), then in this process untracked."""
+    overrides = {**TINY, "data.root": tiny_cfg.data.root, "train.storage_path": str(tmp_path / "ray"),
+                 "tracking.uri": "http://127.0.0.1:9", "train.max_steps_per_epoch": 1}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", "--local", *cli_args(overrides)],
+                          capture_output=True, text=True, timeout=100, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "gdml: MLflow tracking server http://127.0.0.1:9 is unreachable (ConnectionError); nothing was trained. "
         "Start it, point MLFLOW_TRACKING_URI elsewhere, or set tracking.required=false to train untracked"]
     assert not (tmp_path / "ray").exists()
 
-    proc = subprocess.run(base + ["--set", "tracking.required=false"], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "training WITHOUT tracking" in proc.stderr
-    assert "recall_at_1" in proc.stdout
+    cfg = config_mod.with_values(tiny_cfg, {"tracking.uri": "http://127.0.0.1:9", "tracking.required": False,
+                                            "train.max_steps_per_epoch": 1})
+    result = train_and_evaluate(cfg, local=True, progress=False, plots=False)
+    assert result.run_id is None and 0 <= result.metrics["recall_at_1"] <= 1
+    assert "training WITHOUT tracking" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -292,15 +322,3 @@ def test_cpu_bf16_autocast_runs_a_training_step_when_forced():
     assert emb.dtype == torch.bfloat16
     (emb.float().sum() + adversarial.logits.float().sum()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-
-
-@pytest.mark.slow
-def test_the_same_seed_gives_bit_identical_weights_in_local_mode(tiny_cfg):
-    """Two runs in one process (the per-epoch evaluation once raised torch's OpenMP threads between them).
-    With 2 Ray workers the same holds: see the exact-resume test, where a straight run and an interrupted one
-    end bit for bit alike."""
-    cfg = _with(tiny_cfg, train={"epochs": 2})
-    a = train_and_evaluate(_with(cfg, train={"name": "same-a"}), local=True, progress=False, plots=False)
-    b = train_and_evaluate(_with(cfg, train={"name": "same-b"}), local=True, progress=False, plots=False)
-    assert_same_state(load_checkpoint(a.checkpoint), load_checkpoint(b.checkpoint))
-    assert a.metrics == b.metrics

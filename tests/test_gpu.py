@@ -19,8 +19,9 @@ def _traced_run(tiny_cfg, tmp_path, monkeypatch, local: bool):
     trace.mkdir()
     real_fit = launch.fit
 
-    def traced_fit(cfg, tracker, name, local, progress=True):
-        return real_fit(cfg, tracker, name, local, progress, extra={"trace_dir": str(trace)})
+    def traced_fit(cfg, tracker, name, local, progress=True, extra=None, callbacks=None):
+        return real_fit(cfg, tracker, name, local, progress, extra={**(extra or {}), "trace_dir": str(trace)},
+                        callbacks=callbacks)
 
     monkeypatch.setattr(launch, "fit", traced_fit)
     train = tiny_cfg.train.model_copy(update={"workers": 1, "epochs": 1, "val_fraction": 0.25,
@@ -60,13 +61,11 @@ def test_gpu_metrics_equal_the_cpu_engine_on_ties(case):
         assert gpu["nmi"] == pytest.approx(cpu["nmi"], abs=1e-3)  # k-means: float32 near-ties may differ
 
 
-def test_package_and_query_run_on_cuda(tmp_path, tiny_shards):
+def test_package_and_query_run_on_cuda(trained, tiny_shards):
     from deploy.package import package, query
     from pipeline.data import shards
-    from tests.conftest import tiny_config
 
-    cfg = tiny_config(tmp_path, **{"data.root": str(tiny_shards), "train.max_steps_per_epoch": 2})
-    result = train_and_evaluate(cfg, local=True, progress=False, plots=False)
+    result = trained.result  # the session's trained model
     done = package(result.checkpoint, "gpu-retrieval", tracking_uri=result.tracking_uri)
     import mlflow
 
@@ -83,11 +82,40 @@ def test_package_and_query_run_on_cuda(tmp_path, tiny_shards):
     assert answer["scores"][0] == pytest.approx(1.0, abs=1e-3)
 
 
-def test_tiny_config_trains_with_amp_on_cuda():
-    """The runtime choice for this GPU: bf16 where supported, else fp16 with a scaler; channels_last."""
+def test_a_training_step_runs_with_the_precision_chosen_for_this_gpu():
+    """bf16 autocast where the GPU has it natively (compute capability 8.0 and up), else fp16 with loss scaling;
+    channels_last; and a real optimisation step under that choice: finite loss, every trained weight moved."""
+    from pipeline.config import Config, LossConfig
+    from pipeline.model.embedder import Embedder
+    from pipeline.objectives import MetricLoss, TrainModule
     from pipeline.runtime import Capabilities, choose, decide_device
+    from pipeline.train import build_optimizer
+    from tests.model.test_embedder import model_cfg
 
     caps = Capabilities.detect()
     run = choose(decide_device("auto", caps), caps)
+    native_bf16 = torch.cuda.get_device_capability(run.device)[0] >= 8
     assert run.device.type == "cuda" and run.channels_last and run.pin_memory
-    assert run.amp_dtype in (torch.bfloat16, torch.float16) and run.grad_scaler == (run.amp_dtype == torch.float16)
+    assert run.amp_dtype == (torch.bfloat16 if native_bf16 else torch.float16)
+    assert run.grad_scaler == (run.amp_dtype == torch.float16)
+    torch.manual_seed(0)
+    module = TrainModule(Embedder(model_cfg("timm/test_resnet", taps=["layer2", "layer3"]), 4, image_size=32),
+                         MetricLoss(LossConfig(), 4, 16)).to(run.device, memory_format=torch.channels_last)
+    optimizer = build_optimizer(module, Config())
+    scaler = torch.amp.GradScaler("cuda", enabled=run.grad_scaler)
+    images = torch.randn(12, 3, 32, 32, device=run.device).contiguous(memory_format=torch.channels_last)
+    labels = torch.tensor([0, 1, 2, 3] * 3, device=run.device)
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    for _ in range(3):  # (fp16: the scaler may skip a first step whose scaled gradients overflowed)
+        optimizer.zero_grad()
+        with run.autocast():
+            loss_dml, loss_adv, logits = module(images, labels, 0.5)
+        assert logits.dtype == run.amp_dtype  # the adversary's linear layers ran in the chosen precision
+        loss = loss_dml.float() + loss_adv.float()
+        assert torch.isfinite(loss)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    moved = [n for n, p in module.named_parameters() if p.grad is not None and not torch.equal(p, before[n])]
+    assert any(n.startswith("embedder.backbone.") for n in moved) and any("adversary" in n for n in moved)
+    assert all(torch.isfinite(p).all() for p in module.parameters())

@@ -1,73 +1,31 @@
 """Tracking that never stops training: a real MLflow server stopped mid-run and restarted, and the journal."""
 
-import os
-import socket
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
-import requests
 from mlflow.tracking import MlflowClient
 
 from pipeline.checkpoint import load_latest
 from pipeline.tracking import Tracker, replay_journal
-from tests.conftest import TINY
+from tests.conftest import TINY, MlflowServer, cli_args, wait_for
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MlflowServer:
-    def __init__(self, tmp_path):
-        self.port, self.tmp = _free_port(), tmp_path
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.tmp / 'server.db'}",
-             "--artifacts-destination", str(self.tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"],
-            stdout=open(self.tmp / "server.log", "a"), stderr=subprocess.STDOUT,
-            env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"})
-        for _ in range(240):
-            try:
-                if requests.get(f"{self.uri}/health", timeout=1).ok:
-                    return
-            except requests.RequestException:
-                time.sleep(0.25)
-        raise RuntimeError(f"mlflow server did not start: {(self.tmp / 'server.log').read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-
-
-def _wait(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
+@pytest.mark.full
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_a_server_that_dies_mid_run_stops_no_training_and_loses_no_epoch(tmp_path, tiny_shards):
+    """The server goes down once epoch 1 is logged, while the run is held before epoch 2; epochs 2-4 train with no
+    server; it comes back only once the last epoch is checkpointed. The run finishes, every epoch logged once."""
     server = MlflowServer(tmp_path)
     server.start()
-    epochs = 6
+    epochs, release = 4, tmp_path / "release"
     overrides = {**TINY, "data.root": str(tiny_shards), "train.storage_path": str(tmp_path / "ray"),
                  "train.epochs": epochs, "train.name": "outage", "tracking.uri": server.uri,
-                 "tracking.experiment": "outage", "tracking.outage_wait": 180}
-    train = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "--local",
-                              *[a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]],
+                 "tracking.experiment": "outage", "tracking.outage_wait": 180,
+                 "fault.pause_epoch": 2, "fault.pause_file": str(release)}
+    train = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "--local", *cli_args(overrides)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         client = MlflowClient(server.uri)
@@ -76,11 +34,12 @@ def test_a_server_that_dies_mid_run_stops_no_training_and_loses_no_epoch(tmp_pat
             runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
             return runs and [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [1]
 
-        _wait(first_epoch_logged, 240, "epoch 1 in MLflow")
+        wait_for(Path(f"{release}.rank0").exists, 240, "the run to be held before epoch 2")
+        wait_for(first_epoch_logged, 60, "epoch 1 in MLflow")
         server.stop()
-        # Training goes on without the server: three more epochs are checkpointed while it is down.
-        _wait(lambda: (c := load_latest(str(tmp_path / "ray"), "outage")) and c[1]["epoch"] >= 4,
-              240, "epoch 4's checkpoint with the server down")
+        release.touch()
+        wait_for(lambda: (c := load_latest(str(tmp_path / "ray"), "outage")) and c[1]["epoch"] == epochs, 240,
+                 f"epoch {epochs}'s checkpoint with the server down", interval=0.2)
         server.start()
         out, err = train.communicate(timeout=300)
         assert train.returncode == 0, err[-3000:]
@@ -96,13 +55,14 @@ def test_a_server_that_dies_mid_run_stops_no_training_and_loses_no_epoch(tmp_pat
     finally:
         if train.poll() is None:
             train.kill()
+            train.wait()
         server.stop()
 
 
-def test_an_unreachable_server_leaves_the_writes_in_a_journal_that_replays(tmp_path):
+def test_an_unreachable_server_leaves_the_writes_in_a_journal_that_replays(tmp_path, monkeypatch):
     """No server at all: nothing raises, every write waits in order; replay sends them once a server answers."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     dead = Tracker("http://127.0.0.1:9", "0123456789abcdef", journal_dir=tmp_path)
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     dead.log_metrics({"loss": 1.0}, step=1, once=True)
     dead.log_params({"a": 1})
     dead.end("FINISHED")
@@ -120,3 +80,21 @@ def test_an_unreachable_server_leaves_the_writes_in_a_journal_that_replays(tmp_p
     run = MlflowClient(uri).get_run(live.run_id)
     assert run.info.status == "FINISHED" and run.data.params["a"] == "1"
     assert [m.step for m in MlflowClient(uri).get_metric_history(live.run_id, "loss")] == [1]
+
+
+def test_drain_waits_for_every_write_to_be_tried_not_for_a_dead_server(tmp_path, monkeypatch):
+    """What a sweep's rank 0 does before Tune may stop it: every queued write sent, or in the journal (which
+    outlives the process); a server that is down costs no wait."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"sqlite:///{tmp_path / 'local.db'}"
+    live = Tracker.start(uri, "drain", "r")
+    background = Tracker(uri, live.run_id, journal_dir=tmp_path, background=True)
+    for step in (1, 2, 3):
+        background.log_metrics({"loss": float(step)}, step=step)
+    assert background.drain(timeout=30)
+    assert [m.step for m in MlflowClient(uri).get_metric_history(live.run_id, "loss")] == [1, 2, 3]
+
+    dead = Tracker("http://127.0.0.1:9", "0123456789abcdef", journal_dir=tmp_path / "dead", background=True)
+    dead.log_metrics({"loss": 1.0}, step=1)
+    assert dead.drain(timeout=30) and dead.unsent() == 1
+    assert '"op": "metrics"' in (tmp_path / "dead" / "tracking-journal.jsonl").read_text()

@@ -363,7 +363,8 @@ def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
         reports = sum(len(r.metrics_dataframe) for r in results if r.metrics_dataframe is not None)
         # a report is a whole fold (folds in sequence), else an epoch of each of the trial's k >= 1 trainings
         trial_epochs = reports * (base.train.epochs if in_sequence else base.tune.folds)
-        _close_children(uri, base.tracking.experiment, sweep_name, best.metrics.get("trial_id"))
+        _close_children(uri, base.tracking.experiment, sweep_name, best.metrics.get("trial_id"),
+                        trial_outcomes(results, max_t))
         trials = trial_table(results, s.metric, base.tune.folds)
         summary: dict[str, Any] = {"sweep": sweep_name, "parent_run_id": parent.run_id, "best_params": best_params,
                                    f"best_{s.metric}": best.metrics[s.metric],
@@ -450,19 +451,43 @@ def plot_trials(trials: list[dict[str, Any]], metric: str, params: list[str]) ->
     return fig
 
 
-def _close_children(uri: str | None, experiment: str, sweep: str, best_trial: str | None) -> None:
-    """Tag the best trial's run; close runs that ASHA stopped (their trial was ended mid-training)."""
+def trial_outcomes(results: Any, max_t: int) -> dict[str, str]:
+    """trial id -> how its MLflow runs end: FAILED (an error), KILLED (stopped by the scheduler before its last
+    report), FINISHED. Tune ends a trial's function when it stops it, at its last report too, often before the
+    function's own ending runs: the runs are closed from here."""
+    out = {}
+    for r in results:
+        m = r.metrics or {}
+        if not m.get("trial_id"):
+            continue
+        if r.error is not None:
+            out[m["trial_id"]] = "FAILED"
+        else:
+            out[m["trial_id"]] = "KILLED" if m.get("training_iteration", max_t) < max_t else "FINISHED"
+    return out
+
+
+def _close_children(uri: str | None, experiment: str, sweep: str, best_trial: str | None,
+                    outcomes: dict[str, str]) -> None:
+    """Tag the best trial's run; end each trial's run as its trial ended (``trial_outcomes``): a trial stopped by
+    ASHA KILLED and tagged ``stopped_by=asha``, with its fold runs that were still running."""
     if uri is None:
         return
     for run in tracking.find_runs(uri, experiment, f"tags.`gdml.sweep` = '{sweep}'"):
-        if run.data.tags.get("mode") not in ("tune-trial", "tune-fold"):
+        mode = run.data.tags.get("mode")
+        if mode not in ("tune-trial", "tune-fold"):
             continue
+        name = run.data.tags.get("gdml.run_name", "")
+        trial = next((t for t in outcomes if name.endswith(f"-{t}") or f"-{t}-fold" in name), None)
         child = tracking.Tracker(uri, run.info.run_id)
-        if best_trial and run.data.tags.get("gdml.run_name", "").endswith(best_trial):
+        if best_trial and trial == best_trial and mode == "tune-trial":
             child.set_tags({"best": "true"})
-        if run.info.status == "RUNNING":
+        status = outcomes.get(trial, "KILLED")
+        if status == "KILLED" and (mode == "tune-trial" or run.info.status == "RUNNING"):
             child.set_tags({"stopped_by": "asha"})
             child.end("KILLED")
+        elif run.info.status != status and (mode == "tune-trial" or run.info.status == "RUNNING"):
+            child.end(status)
 
 
 def format_summary(summary: dict[str, Any], metric: str) -> str:

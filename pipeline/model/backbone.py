@@ -63,8 +63,8 @@ def _bninception_imagenet(net: nn.Module) -> None:
     raise RuntimeError(_BNINCEPTION_IMAGENET)
 
 
-_BNINCEPTION_IMAGENET = ("BN-Inception's ImageNet weights do not ship in a package; download bn_inception-52deb4733.pth "
-                         "and set model.pretrained to its path")
+_BNINCEPTION_IMAGENET = ("BN-Inception's ImageNet weights do not ship in a package; download "
+                         "bn_inception-52deb4733.pth and set model.pretrained to its path")
 
 
 def _torchvision_weights_problem(builder: Callable[..., nn.Module]) -> Callable[[], str | None]:
@@ -141,15 +141,18 @@ BACKBONES: dict[str, BackboneSpec] = {
                              _torchvision_imagenet(models.resnet50), _torchvision_weights_problem(models.resnet50),
                              "fc"),
     "googlenet": BackboneSpec(lambda size: models.googlenet(weights=None, aux_logits=False, init_weights=True),
-                              _sequence(_GOOGLENET), _fixed(tuple(n for n in _GOOGLENET if n.startswith(("conv", "incep")))),
-                              _fixed(("inception4d", "inception4e", "inception5a")), _torchvision_imagenet(models.googlenet),
+                              _sequence(_GOOGLENET),
+                              _fixed(tuple(n for n in _GOOGLENET if n.startswith(("conv", "incep")))),
+                              _fixed(("inception4d", "inception4e", "inception5a")),
+                              _torchvision_imagenet(models.googlenet),
                               _torchvision_weights_problem(models.googlenet), "fc"),
     "bninception": BackboneSpec(lambda size: bninception.BNInception(), lambda net, x: net.features(x),
                                 _fixed(("conv2_3x3",) + bninception.BLOCK_NAMES),
                                 _fixed(("inception_4d", "inception_4e", "inception_5a")), _bninception_imagenet,
                                 lambda: _BNINCEPTION_IMAGENET, "last_linear"),
     "efficientnet_lite0": BackboneSpec(lambda size: _efficientnet_lite0(), lambda net, x: net.extract_features(x),
-                                       _fixed(("_conv_stem",) + tuple(f"_blocks.{i}" for i in range(16)) + ("_conv_head",)),
+                                       _fixed(("_conv_stem",) + tuple(f"_blocks.{i}" for i in range(16))
+                                              + ("_conv_head",)),
                                        _fixed(("_blocks.5", "_blocks.10")), _efficientnet_lite0_imagenet, lambda: None,
                                        "_fc"),
 }

@@ -1,8 +1,6 @@
 """gdml shards build: deterministic, parallel, resumable, re-encoding, and strict about unreadable images."""
 
 import io
-import subprocess
-import sys
 import tarfile
 
 import pytest
@@ -67,14 +65,11 @@ def test_max_side_reencodes_large_images(tmp_path):
     assert max(Image.open(io.BytesIO(data)).size) == 64
 
 
-def test_cli_builds_with_flags_and_reports(tmp_path):
+def test_cli_builds_with_flags_and_reports(tmp_path, gdml):
     make_sop(tmp_path / "raw")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "shards", "build", "--source", "sop",
-                           "--path", str(tmp_path / "raw"), "--out", str(tmp_path / "cli"), "--shard-size", "3"],
-                          capture_output=True, text=True, timeout=120)
+    proc = gdml("shards", "build", "--source", "sop", "--path", tmp_path / "raw", "--out", tmp_path / "cli",
+                "--shard-size", "3")
     assert proc.returncode == 0, proc.stderr
     assert "train: 4 classes, 12 images, 4 shards" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "shards", "build", "--source", "cub",
-                           "--path", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")],
-                          capture_output=True, text=True, timeout=120)
+    proc = gdml("shards", "build", "--source", "cub", "--path", tmp_path / "nothing", "--out", tmp_path / "x")
     assert proc.returncode == 2 and proc.stderr.strip().startswith("gdml: data.path:")

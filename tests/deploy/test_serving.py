@@ -3,11 +3,9 @@
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
 import tarfile
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from PIL import Image
 from deploy.package import package, query
 from pipeline.data import shards
 from pipeline.evaluation.index import serving_index
-from pipeline.launch import train_and_evaluate
+from tests.conftest import free_port, stop_process_group, wait_for
 
 
 def _png(img: Image.Image) -> bytes:
@@ -36,14 +34,12 @@ def _test_image(root):
 
 
 @pytest.fixture(scope="module")
-def packaged(tmp_path_factory, tiny_shards):
-    from tests.conftest import tiny_config
-
+def packaged(tmp_path_factory, trained):
+    """The session's trained model, packaged with its test split as the gallery into the tracking server's
+    registry."""
     tmp = tmp_path_factory.mktemp("deploy")
-    cfg = tiny_config(tmp, **{"data.root": str(tiny_shards), "train.max_steps_per_epoch": 2})
-    result = train_and_evaluate(cfg, local=True, progress=False, plots=False)
-    done = package(result.checkpoint, "tiny-retrieval", tracking_uri=result.tracking_uri)
-    return done, result.tracking_uri, tmp
+    done = package(trained.result.checkpoint, "tiny-retrieval", tracking_uri=trained.result.tracking_uri)
+    return done, trained.result.tracking_uri, tmp
 
 
 @pytest.mark.slow
@@ -72,34 +68,29 @@ def test_ivf_above_the_threshold_keeps_recall():
     assert recall > 0.9
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(300)
 def test_served_model_answers_good_input_and_rejects_bad_input_clearly(packaged, tiny_shards):
     done, uri, tmp = packaged
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", done.model_uri, "--env-manager", "local",
          "-p", str(port), "--host", "127.0.0.1"],
         # The server runs `uvicorn` from PATH: the environment's bin directory must be on it.
         env={**os.environ, "MLFLOW_TRACKING_URI": uri,
-             "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"}, stdout=open(tmp / "serve.log", "w"), stderr=subprocess.STDOUT)
+             "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ.get('PATH', '')}"},
+        stdout=open(tmp / "serve.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert server.poll() is None, f"server exited: {(tmp / 'serve.log').read_text()[-2000:]}"
+        try:
+            return requests.get(f"{url}/ping", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
     try:
-        for _ in range(240):
-            try:
-                if requests.get(f"{url}/ping", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if server.poll() is not None:
-                pytest.fail(f"server exited: {(tmp / 'serve.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_for(ready, 180, f"the served model at {url} to answer /ping", interval=0.5)
         image, label = _test_image(tiny_shards)
 
         def ask(images, **params):
@@ -139,8 +130,7 @@ def test_served_model_answers_good_input_and_rejects_bad_input_clearly(packaged,
         r = ask([good], k=1)  # still serving
         assert r.status_code == 200 and r.json()["predictions"][0]["labels"][0] == label
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_process_group(server)
 
 
 def test_served_requirements_name_the_installed_faiss_build(monkeypatch):

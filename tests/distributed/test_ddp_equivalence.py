@@ -58,9 +58,11 @@ def _rank(rank: int, world: int, init_file: str, loss_name: str, out: str, backb
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize(("loss_name", "backbone"), [("multi_similarity", "resnet18"), ("proxy_anchor", "resnet18"),
-                                                     ("multi_similarity", "timm/test_resnet"),
-                                                     ("multi_similarity", "timm/test_vit")])
+@pytest.mark.parametrize(("loss_name", "backbone"), [
+    ("proxy_anchor", "resnet18"),  # proxies, the attention query, the adversary: what make test checks
+    pytest.param("multi_similarity", "resnet18", marks=pytest.mark.full),
+    pytest.param("multi_similarity", "timm/test_resnet", marks=pytest.mark.full),
+    pytest.param("multi_similarity", "timm/test_vit", marks=pytest.mark.full)])
 def test_ddp_step_equals_whole_batch_step(tmp_path, loss_name, backbone):
     mp.spawn(_rank, args=(2, str(tmp_path / "init"), loss_name, str(tmp_path), backbone), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -114,23 +116,20 @@ def _ray_step(config: dict) -> None:
 LR_ADAM = 1e-3
 
 
+@pytest.mark.full
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_a_ray_train_step_with_adamw_equals_the_whole_batch_step(tmp_path):
-    import ray
+def test_a_ray_train_step_with_adamw_equals_the_whole_batch_step(tmp_path, shared_ray):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipeline.train import build_optimizer
 
     losses = ["multi_similarity", "triplet", "proxy_anchor"]  # triplet: semi-hard mining across ranks
-    try:
-        TorchTrainer(_ray_step, train_loop_config={"losses": losses, "out": str(tmp_path)},
-                     scaling_config=ScalingConfig(num_workers=2),
-                     run_config=RunConfig(storage_path=str(tmp_path / "ray"))).fit()
-    finally:
-        ray.shutdown()
+    TorchTrainer(_ray_step, train_loop_config={"losses": losses, "out": str(tmp_path)},
+                 scaling_config=ScalingConfig(num_workers=2),
+                 run_config=RunConfig(storage_path=str(tmp_path / "ray"))).fit()
     for loss_name in losses:
         ranks = [torch.load(tmp_path / f"{loss_name}-rank{r}.pt", weights_only=True) for r in (0, 1)]
         single = _module(loss_name, 1)

@@ -1,13 +1,11 @@
 """gdml ablate: the table (unit), and shrunken end to end (2 variants x 1 loss x 1 seed through Ray Tune, the table
 from the MLflow child runs)."""
 
-import subprocess
-import sys
-
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import TINY
+from pipeline import cli
+from tests.conftest import TINY, cli_args
 from tuning.ablate import VARIANTS, summarise
 
 
@@ -20,19 +18,19 @@ def test_summary_table_has_mean_and_std_per_variant():
     assert len(table) == 2 + len(VARIANTS)
 
 
+@pytest.mark.full
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.timeout(600)
-def test_shrunken_ablation_runs_every_chosen_variant_loss_and_seed(tmp_path, tiny_shards):
+@pytest.mark.timeout(400)
+def test_shrunken_ablation_runs_every_chosen_variant_loss_and_seed(tmp_path, tiny_shards, shared_ray, monkeypatch,
+                                                                   capsys):
     overrides = {**TINY, "data.root": str(tiny_shards), "train.storage_path": str(tmp_path / "ray"),
                  "train.max_steps_per_epoch": 2, "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
                  "tracking.experiment": "ablate", "train.workers": 1}
-    args = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "ablate", *args, "--losses", "contrastive",
-                           "--seeds", "0", "--variants", "baseline", "+both", "--out", str(tmp_path / "table.md")],
-                          capture_output=True, text=True, timeout=580, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 runs in" in proc.stdout
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["ablate", *cli_args(overrides), "--losses", "contrastive", "--seeds", "0", "--variants",
+                     "baseline", "+both", "--out", str(tmp_path / "table.md")]) == 0
+    assert "2 runs in" in capsys.readouterr().out
     table = (tmp_path / "table.md").read_text().splitlines()
     assert [line.split("|")[1].strip() for line in table[2:]] == ["baseline", "+both"]  # one row each
     assert table[0].count("contrastive") == 3
@@ -62,11 +60,11 @@ def test_each_loss_gets_its_columns_and_each_variant_its_seeds():
     assert table[2].split("|")[2].strip() == "1.1000 ± 0.1414" and table[2].split("|")[5].strip() == "0.1000 ± 0.1414"
 
 
-def test_a_subset_of_variants_gets_a_row_each_in_the_given_order():
+def test_a_subset_of_variants_gets_a_row_each_in_the_given_order(capsys):
     rows = [{"variant": v, "loss": "triplet", "seed": 0, "recall_at_1": 0.1, "map_at_r": 0.2, "nmi": 0.5}
             for v in ("+both", "baseline")]
     table = summarise(rows, ["triplet"], ["baseline", "+both"]).splitlines()
     assert [line.split("|")[1].strip() for line in table[2:]] == ["baseline", "+both"]
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "ablate", "--variants", "+attenton"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "invalid choice: '+attenton'" in proc.stderr
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["ablate", "--variants", "+attenton"])
+    assert exited.value.code == 2 and "invalid choice: '+attenton'" in capsys.readouterr().err
