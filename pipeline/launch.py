@@ -174,10 +174,11 @@ def interrupt_on_sigterm() -> None:
 class RayConsole:
     """What reaches the console from Ray's processes: the workers' progress bars and gdml's own lines; Ray's own
     lines (Train's per-report INFO records, the controller's core-worker messages, raylet notes) go to the run's
-    log file instead, whose path is printed once. ``verbose`` (``gdml -v``) shows everything, as Ray would."""
+    log file instead, whose path is printed once (outside a run they stay in Ray's own session logs only).
+    ``verbose`` (``gdml -v``) shows everything, as Ray would."""
 
     verbose = False
-    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / "gdml-ray.log"
+    log_path: Path | None = None
     announced: set[str] = set()
 
     @classmethod
@@ -196,7 +197,7 @@ class RayConsole:
                 return original(data, print_file, ignore_prefix)
             shown = [line for line in lines if RAY_TQDM_MAGIC in line or "gdml:" in line]
             hidden = [line for line in lines if line not in shown]
-            if hidden:
+            if hidden and cls.log_path is not None:
                 try:
                     cls.log_path.parent.mkdir(parents=True, exist_ok=True)
                     with cls.log_path.open("a") as f:

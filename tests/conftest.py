@@ -297,8 +297,13 @@ def _ray_sessions() -> set[Path]:
 
 
 def _staging() -> set[Path]:
+    """The staging folders in the temp folder, but this process's own multiprocessing folder (it goes when this
+    interpreter exits)."""
+    from multiprocessing import process
+
+    own = process.current_process()._config.get("tempdir")
     tmp = Path(tempfile.gettempdir())
-    return {p for pattern in STAGING for p in tmp.glob(pattern)}
+    return {p for pattern in STAGING for p in tmp.glob(pattern) if str(p) != own}
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -323,7 +328,9 @@ def _leftover_processes(session: pytest.Session) -> None:
         out = []
         for proc in psutil.Process().children(recursive=True):
             try:
-                if proc.status() != psutil.STATUS_ZOMBIE:
+                # (multiprocessing's resource tracker serves this interpreter, and ends with it)
+                if proc.status() != psutil.STATUS_ZOMBIE and not any(
+                        "multiprocessing.resource_tracker" in part for part in proc.cmdline()):
                     out.append(proc)
             except psutil.NoSuchProcess:
                 pass

@@ -325,12 +325,13 @@ def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from pipeline.launch import init_ray, prepare, train_and_evaluate
+    from pipeline.launch import RayConsole, init_ray, journal_dir, prepare, train_and_evaluate
 
     base, uri, _ = prepare(base, local=False)
     init_ray()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     sweep_name = f"{spec.name}-{stamp}"
+    RayConsole.for_run(journal_dir(base, sweep_name) / "ray.log", progress)
     parent = tracking.Tracker.open(uri, base.tracking.experiment, sweep_name, tags={"mode": "sweep"})
     parent.log_params({"sweep.metric": spec.search.metric, "sweep.algorithm": spec.search.algorithm,
                        "sweep.num_samples": spec.search.num_samples,
