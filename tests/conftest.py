@@ -7,7 +7,7 @@
   evaluation, packaging, serving and the exact-resume test all use that run instead of training their own.
 - Every test gets its environment variables and MLflow's tracking/registry URIs back as they were.
 - At the end of the session, a process the suite started that is still alive (a Ray, an MLflow server, a served
-  model), or a staging folder left in the temporary directory, fails the run (and is removed). Orphans are found
+  model; killed then), or a staging folder left in the temporary directory, fails the run. Orphans are found
   because this process makes itself their "subreaper": a process whose parent dies is re-parented here, not to
   init, so every process the suite started stays among its descendants.
 """
@@ -32,6 +32,14 @@ from pipeline.config import Config
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the suite's own throwaway Ray runtimes, on the loopback only
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+MACHINE_TMP = Path(tempfile.gettempdir())
+SUITE_TMP = Path(tempfile.mkdtemp(prefix="gdml-suite-", dir=MACHINE_TMP))
+"""The suite's own temporary folder: this process and every process it starts (Ray runtimes and their workers,
+servers, commands) write their temporary files there, Ray its session folders too; it is removed when the
+suite passes (kept, and named, when it fails: the failed tests' folders are in it)."""
+os.environ["TMPDIR"] = str(SUITE_TMP)
+tempfile.tempdir = str(SUITE_TMP)
 
 TINY = {
     "model.backbone": "timm/test_resnet",  # a 0.4M-parameter ResNet (timm's test model): small steps, small checkpoints
@@ -285,31 +293,22 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path, mlflow_
 
 # -- the session: GPU tests, what it leaves behind ------------------------------------------------------------------
 
-RAY_SESSIONS = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray"
-STAGING = ("gdml-*", "pymp-*")
-"""Temporary folders the code under test makes (checkpoint staging, multiprocessing's listener folders): each
-should be gone when the process that made it ends."""
+STAGING = "gdml-*"
+"""Temporary folders gdml makes (checkpoint staging, figures, evaluation downloads): each must be gone when the
+code that made it is done. (``pymp-*`` folders are left by processes that are killed, Ray's own among them when a
+runtime shuts down: they go with the suite's folder.)"""
 _BEFORE = pytest.StashKey[dict]()
 
 
-def _ray_sessions() -> set[Path]:
-    return set(RAY_SESSIONS.glob("session_2*")) if RAY_SESSIONS.is_dir() else set()
-
-
 def _staging() -> set[Path]:
-    """The staging folders in the temp folder, but this process's own multiprocessing folder (it goes when this
-    interpreter exits)."""
-    from multiprocessing import process
-
-    own = process.current_process()._config.get("tempdir")
-    tmp = Path(tempfile.gettempdir())
-    return {p for pattern in STAGING for p in tmp.glob(pattern) if str(p) != own}
+    """gdml's staging folders in the suite's temporary folder and in the machine's."""
+    return {p for tmp in (SUITE_TMP, MACHINE_TMP) for p in tmp.glob(STAGING) if p != SUITE_TMP}
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come to us
-    session.config.stash[_BEFORE] = {"ray": _ray_sessions(), "staging": _staging()}
+    session.config.stash[_BEFORE] = {"staging": _staging()}
 
 
 def _report(session: pytest.Session, line: str) -> None:
@@ -359,31 +358,22 @@ def _leftover_processes(session: pytest.Session) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Remove the Ray session folders this session's runtimes left (logs, spilled objects); fail the run on a
-    process still alive or a staging folder left behind. The temporary trees of passed tests go too
-    (``tmp_path_retention_policy``), so a run leaves little under /tmp."""
+    """Fail the run on a process still alive or a staging folder left behind; then remove the suite's temporary
+    folder (Ray's session folders, the passed tests' temporary trees), unless the run failed."""
     import shutil
-
-    import psutil
 
     before = session.config.stash.get(_BEFORE, None)
     if before is None:
         return
     _leftover_processes(session)
     staging = sorted(_staging() - before["staging"])
-    if staging:
-        _report(session, f"the suite left {len(staging)} staging folder(s) in {tempfile.gettempdir()} (removed now): "
-                + ", ".join(p.name for p in staging))
-        for path in staging:
-            shutil.rmtree(path, ignore_errors=True)
+    if staging:  # (listed, not removed: another program on the machine may be using one)
+        _report(session, f"the suite left {len(staging)} staging folder(s): " + ", ".join(map(str, staging)))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    new = _ray_sessions() - before["ray"]
-    in_use = set()  # a Ray started meanwhile by something else on this machine is still running: keep its folder
-    for proc in psutil.process_iter(["cmdline"]):
-        line = " ".join(proc.info["cmdline"] or [])
-        in_use |= {folder for folder in new if folder.name in line}
-    for folder in new - in_use:
-        shutil.rmtree(folder, ignore_errors=True)
+    if session.exitstatus == pytest.ExitCode.OK:
+        shutil.rmtree(SUITE_TMP, ignore_errors=True)
+    else:
+        _report(session, f"the suite's temporary folder is kept for a look: {SUITE_TMP}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
