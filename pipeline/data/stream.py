@@ -427,5 +427,9 @@ class BalancedStream(IterableDataset):
 def train_loader(stream: BalancedStream, pin_memory: bool = False) -> DataLoader:
     """The rank's batches, decoded in ``stream.loader_workers`` processes (kept alive across epochs)."""
     workers = stream.loader_workers
+    # Persistent workers take their base seed once per process (the stream seeds itself; the seed goes unused):
+    # drawn from the global RNG it would shift a resumed run's later draws (dropout) against a straight run's, so
+    # it comes from a generator of its own. (Without workers the draw is once per epoch either way.)
+    generator = torch.Generator().manual_seed(stream.seed) if workers else None
     return DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                      pin_memory=pin_memory, multiprocessing_context="fork" if workers else None)
+                      pin_memory=pin_memory, multiprocessing_context="fork" if workers else None, generator=generator)

@@ -143,7 +143,8 @@ def _ray_head(tmp_dir: str):
     it is terminated, and leaves other Ray sessions alone."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
     port, gcs, agent, agent_grpc, runtime_env, metrics = _free_ports(6)
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+    # 4 logical CPUs on 2 cores: both trials (2 fold trainings of 1 worker each) at once, their start-ups overlap
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=4",
                              f"--temp-dir={tmp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={port}", f"--port={gcs}", f"--dashboard-agent-listen-port={agent}",
                              f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
