@@ -26,8 +26,10 @@ minutes)."""
 def images_per_second(backbone: str, taps: list[str], local: bool, steps: int, tmp: Path, size: int = 224) -> float:
     from pipeline import config as config_mod
     from pipeline.data import shards
-    from pipeline.launch import fit, resolve_paths
+    from pipeline.launch import fit
+    from pipeline.preflight import resolve_paths
     from pipeline.tracking import Tracker
+    from pipeline.train import Hooks
 
     cfg = resolve_paths(config_mod.load(ROOT / "configs" / "demo_scratch.yaml", values={
         "model.backbone": backbone, "model.attention.taps": taps, "data.image_size": size, "data.max_classes": 64,
@@ -36,7 +38,7 @@ def images_per_second(backbone: str, taps: list[str], local: bool, steps: int, t
         "train.storage_path": str(tmp / "ray"), "eval.gap_images": 0}))
     shards.ensure(cfg.data)
     name = f"{backbone.replace('/', '-')}-{'local' if local else 'ray'}"
-    _, history = fit(cfg, Tracker(None, None), name, local=local, progress=False, extra={"synthetic_batches": 2})
+    _, history = fit(cfg, Tracker(None, None), name, local=local, progress=False, hooks=Hooks(synthetic_batches=2))
     last = history[-1]
     workers = 1 if local else cfg.train.workers
     return workers * last["steps"] * cfg.sampler.batch_size / last["epoch_seconds"]

@@ -29,14 +29,14 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from deploy.retrieval_model import RetrievalModel
 from pipeline import config as config_mod
-from pipeline.checkpoint import save_checkpoint
+from pipeline.checkpoint import TrainState, save_checkpoint
 from pipeline.data import shards
 from pipeline.data.samples import SplitImages
 from pipeline.data.transforms import normalize, train_augment
 from pipeline.evaluation.index import serving_index
-from pipeline.launch import resolve_paths
 from pipeline.model.embedder import Embedder
 from pipeline.objectives import MetricLoss, TrainModule
+from pipeline.preflight import resolve_paths
 from pipeline.train import build_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,8 +70,8 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     manifest = shards.ensure(cfg.data)
     model = Embedder(cfg.model, manifest["splits"]["train"]["classes"], cfg.data.image_size)
     module = TrainModule(model, MetricLoss(cfg.loss, manifest["splits"]["train"]["classes"], cfg.model.embedding_size))
-    save_checkpoint(tmp / "ckpt", module, build_optimizer(module, cfg), torch.amp.GradScaler("cpu", enabled=False),
-                    cfg, manifest["splits"]["train"]["classes"], 1, 0, {})
+    state = TrainState(module, build_optimizer(module, cfg), torch.amp.GradScaler("cpu", enabled=False))
+    save_checkpoint(tmp / "ckpt", state, cfg, manifest["splits"]["train"]["classes"], {})
 
     images = []
     for img, _, _ in SplitImages(manifest, cfg.data.root, "test", raw=True):

@@ -24,8 +24,9 @@ from pipeline.config import Config
 from pipeline.data import shards
 from pipeline.data.stream import BalancedStream, train_loader
 from pipeline.data.transforms import normalize, train_augment
-from pipeline.launch import fit, resolve_paths
+from pipeline.launch import fit
 from pipeline.model.embedder import Embedder
+from pipeline.preflight import resolve_paths
 from pipeline.tracking import Tracker
 
 SMOKE_MODEL = ["model.backbone=timm/test_resnet", "model.pretrained=null", "model.attention.taps=[layer2,layer3]",

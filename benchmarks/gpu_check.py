@@ -84,7 +84,7 @@ def gpu_tests() -> None:
 
 def throughput_config(data_root: Path, tmp: Path, loader_workers: int, steps: int):
     from pipeline import config as config_mod
-    from pipeline.launch import resolve_paths
+    from pipeline.preflight import resolve_paths
 
     return resolve_paths(config_mod.load(None, [
         "data.source=folder", f"data.path={tmp / 'photos'}", f"data.root={data_root}", "data.image_size=224",
@@ -138,9 +138,10 @@ def model_only_images_per_second(cfg, num_classes: int, steps: int) -> float:
 def gdml_images_per_second(cfg, name: str, synthetic: int | None) -> float:
     from pipeline.launch import fit
     from pipeline.tracking import Tracker
+    from pipeline.train import Hooks
 
     _, history = fit(cfg, Tracker(None, None), name, local=False, progress=False,
-                     extra={"synthetic_batches": synthetic} if synthetic else None)
+                     hooks=Hooks(synthetic_batches=synthetic or 0))
     last = history[-1]  # the second epoch: warm (cuDNN autotuning and start-up are in the first)
     return last["steps"] * cfg.sampler.batch_size / last["epoch_seconds"]
 

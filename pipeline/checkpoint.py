@@ -33,7 +33,8 @@ def checkpoint_dir_name(epoch: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG the training loop draws from, as tensors and plain values (safe for ``weights_only`` loading)."""
+    """Every RNG the training loop draws from, as tensors and plain values (safe for ``weights_only`` loading):
+    of the GPU, only this process's own device (a node may show another number of GPUs when the run resumes)."""
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -41,16 +42,51 @@ def rng_state() -> dict[str, Any]:
         "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2])],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore ``rng_state()``; the GPU's where this process has one (older checkpoints hold one state per visible
+    GPU: the first is taken)."""
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"][0]), state["python"][1]))
     np.random.set_state(("MT19937", state["numpy"][0].numpy().astype(np.uint32), state["numpy"][1], 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and len(cuda) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda if isinstance(cuda, torch.Tensor) else cuda[0])
+
+
+class TrainState:
+    """What a rank trains with and resumes from, saved and loaded whole (``state_dict`` / ``load_state_dict``): the
+    module (embedder and the loss's own parameters), the optimiser, the gradient scaler, the adversary's schedule,
+    every rank's RNGs, and where training is (epoch, global step, steps skipped). The stream's position is a
+    function of the epoch (``BalancedStream.set_epoch``): the epoch restores it."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 schedule: Any = None) -> None:
+        self.module, self.optimizer, self.scaler, self.schedule = module, optimizer, scaler, schedule
+        self.epoch = self.step = self.skipped_steps = 0
+
+    def state_dict(self, rng_per_rank: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return {"model": self.module.embedder.state_dict(), "loss": self.module.metric_loss.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.epoch, "step": self.step, "skipped_steps": self.skipped_steps,
+                "loop": self.schedule.state_dict() if self.schedule is not None else {},
+                "rng": rng_state(), "rng_per_rank": rng_per_rank or [rng_state()]}
+
+    def load_state_dict(self, state: dict[str, Any], rank: int = 0, world: int = 1) -> None:
+        """Everything back; each rank its own RNG state (dropout masks follow it) when the world is the same."""
+        self.module.embedder.load_state_dict(state["model"])
+        self.module.metric_loss.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", state.get("metrics", {}).get("skipped_steps", 0)))
+        if self.schedule is not None:
+            self.schedule.load_state_dict(state.get("loop", {}))
+        per_rank = state.get("rng_per_rank") or []
+        set_rng_state(per_rank[rank] if len(per_rank) == world else state["rng"])
 
 
 def check_finite(module: torch.nn.Module, epoch: int) -> None:
@@ -60,32 +96,16 @@ def check_finite(module: torch.nn.Module, epoch: int) -> None:
             raise NonFiniteLoss(f"{name} holds NaN/inf at epoch {epoch}: not writing a checkpoint")
 
 
-def save_checkpoint(directory: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, cfg: Config, num_train_classes: int, epoch: int, step: int,
-                    metrics: dict[str, float], extra: dict[str, Any] | None = None) -> None:
-    """Write ``directory/model.pt``. ``module`` holds ``embedder`` and ``metric_loss`` (``objectives.TrainModule``).
-
-    ``extra``: plain values the loop needs to resume exactly (e.g. the adversary ramp's horizon).
-    """
-    check_finite(module, epoch)
+def save_checkpoint(directory: Path, state: TrainState, cfg: Config, num_train_classes: int,
+                    metrics: dict[str, float], rng_per_rank: list[dict[str, Any]] | None = None,
+                    extra: dict[str, Any] | None = None) -> None:
+    """Write ``directory/model.pt``: the whole training state, the config, the epoch's metrics and ``extra`` (plain
+    values, e.g. the runtime it ran on)."""
+    check_finite(state.module, state.epoch)
     directory.mkdir(parents=True, exist_ok=True)
     partial = directory / f".{CHECKPOINT_FILE}.partial"
-    torch.save(
-        {
-            "model": module.embedder.state_dict(),
-            "loss": module.metric_loss.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "epoch": epoch,
-            "step": step,
-            "rng": rng_state(),
-            "config": cfg.to_dict(),
-            "num_train_classes": num_train_classes,
-            "metrics": metrics,
-            **(extra or {}),
-        },
-        partial,
-    )
+    torch.save({**state.state_dict(rng_per_rank), "config": cfg.to_dict(), "num_train_classes": num_train_classes,
+                "metrics": metrics, **(extra or {})}, partial)
     os.replace(partial, directory / CHECKPOINT_FILE)  # never a half-written model.pt, even if the process dies
 
 
@@ -118,7 +138,7 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu"):
 
     state = load_checkpoint(checkpoint_dir)
     cfg = checkpoint_config(state, Path(checkpoint_dir) / CHECKPOINT_FILE)
-    model = Embedder(cfg.model.model_copy(update={"pretrained": None}), state["num_train_classes"],
+    model = Embedder(config_mod.with_values(cfg, {"model.pretrained": None}).model, state["num_train_classes"],
                      cfg.data.image_size)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg, state

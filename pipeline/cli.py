@@ -144,7 +144,8 @@ def demo_variants(cfg: Config) -> dict[str, Config]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.launch import check_config, prepare, resolve_paths, train_and_evaluate
+    from pipeline.launch import train_and_evaluate
+    from pipeline.preflight import check_config, prepare, resolve_paths
     from pipeline.variants import slug
 
     cfg = config_mod.load(args.config, args.overrides)
@@ -201,7 +202,7 @@ def _diagnostics_seconds(results) -> float | None:
 
 def cmd_shards(args: argparse.Namespace) -> int:
     from pipeline.data import shards
-    from pipeline.launch import resolve_paths
+    from pipeline.preflight import resolve_paths
 
     if args.shards_command == "verify":
         manifest = shards.load_manifest(args.root)
@@ -245,7 +246,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         checkpoint = tracking.download_checkpoint(uri, args.run, tmp) if args.run else str(args.checkpoint)
         cfg = checkpoint_config(load_checkpoint(checkpoint), checkpoint)
         if args.data_root:
-            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": absolute(args.data_root)})})
+            cfg = config_mod.with_values(cfg, {"data.root": absolute(args.data_root)})
         manifest = shards.load_manifest(cfg.data.root)
         ev = evaluate_checkpoint(checkpoint, cfg, manifest, args.split)
         tracker = tracking.Tracker(uri, args.run) if args.run else tracking.Tracker.start(
@@ -390,13 +391,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     fail_fast_http()
-    from pipeline.launch import interrupt_on_sigterm
+    from pipeline.console import interrupt_on_sigterm
 
     interrupt_on_sigterm()  # SIGTERM ends a run as Ctrl-C does: KILLED, Ray shut down
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from pipeline.launch import RayConsole
+    from pipeline.console import RayConsole
 
     RayConsole.verbose = args.verbose
     ray_before = _ray_running()

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline import names
+
 
 class ConfigError(ValueError):
     """A configuration problem, already phrased as one line naming the key."""
@@ -69,9 +71,7 @@ class DataConfig(_Section):
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
-        from pipeline.data.sources import SOURCES
-
-        return one_of(value, SOURCES)
+        return one_of(value, names.SOURCES)
 
 
 class SamplerConfig(_Section):
@@ -126,9 +126,7 @@ class AttentionConfig(_Section):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, value: str) -> str:
-        from pipeline.model.attention import KINDS
-
-        return one_of(value, KINDS)
+        return one_of(value, names.ATTENTION_KINDS)
 
 
 class AdversaryConfig(_Section):
@@ -153,9 +151,7 @@ class AdversaryConfig(_Section):
     @field_validator("mode")
     @classmethod
     def _known_mode(cls, value: str) -> str:
-        from pipeline.model.adversary import MODES
-
-        return one_of(value, MODES)
+        return one_of(value, names.ADVERSARY_MODES)
 
 
 class ModelConfig(_Section):
@@ -176,15 +172,10 @@ class ModelConfig(_Section):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:
-        from pipeline.model.backbone import BACKBONES, TIMM_PREFIX, timm_problem
-
-        if value.startswith(TIMM_PREFIX):
-            problem = timm_problem(value)
-            if problem:
-                raise ValueError(problem)
-            return value
+        if value.startswith(names.TIMM_PREFIX) and len(value) > len(names.TIMM_PREFIX):
+            return value  # whether timm has the model is checked before any work (pipeline.preflight)
         try:
-            return one_of(value, BACKBONES)
+            return one_of(value, names.BACKBONES)
         except ValueError as err:
             raise ValueError(f"{err} (or timm/<model name>, e.g. timm/vit_small_patch16_224)") from None
 
@@ -198,9 +189,7 @@ class LossConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known_loss(cls, value: str) -> str:
-        from pipeline.objectives import LOSSES
-
-        return one_of(value, LOSSES)
+        return one_of(value, names.LOSSES)
 
 
 class TrainConfig(_Section):
@@ -248,9 +237,7 @@ class TrainConfig(_Section):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        from pipeline.runtime import DEVICES
-
-        return one_of(value, DEVICES)
+        return one_of(value, names.DEVICES)
 
 
 class FaultConfig(_Section):
@@ -301,9 +288,7 @@ class EvalConfig(_Section):
     @field_validator("engine")
     @classmethod
     def _known_engine(cls, value: str) -> str:
-        from pipeline.evaluation.metrics import ENGINES
-
-        return one_of(value, ENGINES)
+        return one_of(value, names.ENGINES)
 
     @field_validator("recall_at")
     @classmethod

@@ -6,7 +6,6 @@ Nothing here runs on a worker; the per-worker function lives in ``pipeline.train
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -15,10 +14,11 @@ from typing import Any
 
 from pipeline import tracking
 from pipeline.checkpoint import latest_checkpoint, load_latest
-from pipeline.config import Config, ConfigError
-from pipeline.data import shards
+from pipeline.config import Config
+from pipeline.console import RayConsole, init_ray
 from pipeline.errors import GdmlError, TrainingFailed
-from pipeline.paths import absolute, is_remote
+from pipeline.paths import is_remote
+from pipeline.preflight import prepare
 from pipeline.variants import variant_of
 
 log = logging.getLogger(__name__)
@@ -36,113 +36,6 @@ class RunResult:
     """Test images that could not be read (left out of the metrics)."""
 
 
-def resolve_paths(cfg: Config) -> Config:
-    """Absolute paths for everything a worker touches (Ray workers run in their own directories)."""
-    data = cfg.data.model_copy(update={"root": absolute(cfg.data.root),
-                                       "path": absolute(cfg.data.path) if cfg.data.path else None})
-    train = cfg.train.model_copy(update={"storage_path": absolute(cfg.train.storage_path)})
-    tracking_cfg = cfg.tracking.model_copy(update={"uri": tracking.resolve_uri(cfg.tracking)})
-    return cfg.model_copy(update={"data": data, "train": train, "tracking": tracking_cfg})
-
-
-def check_model(cfg: Config) -> None:
-    """Config checks that need the backbone or the loss (still before any work)."""
-    from pipeline.model.backbone import check_taps
-    from pipeline.model.embedder import resolved_taps
-    from pipeline.objectives import check_params
-
-    if cfg.model.attention.enabled:
-        taps = resolved_taps(cfg.model, cfg.data.image_size)
-        if not taps:
-            raise ConfigError("model.attention.taps: empty; name at least one layer "
-                              "(or set model.attention.enabled=false)")
-        problem = check_taps(cfg.model.backbone, taps, cfg.data.image_size)
-        if problem:
-            raise ConfigError(f"model.attention.taps: {problem}")
-    adv = cfg.model.adversary
-    if adv.enabled and adv.input == "taps" and not (cfg.model.attention.enabled and
-                                                    resolved_taps(cfg.model, cfg.data.image_size)):
-        raise ConfigError("model.adversary.input: taps needs the attention over taps on (model.attention.enabled)")
-    problem = check_params(cfg.loss)
-    if problem:
-        raise ConfigError(f"loss.params: {problem}")
-    pretrained = cfg.model.pretrained
-    if pretrained and pretrained != "imagenet" and not Path(pretrained).is_file():
-        raise ConfigError(f"model.pretrained: {pretrained} does not exist (expected 'imagenet' or a weights file)")
-    if pretrained == "imagenet":
-        from pipeline.model.backbone import backbone_spec
-
-        problem = backbone_spec(cfg.model.backbone).imagenet_problem()
-        if problem:
-            raise ConfigError(f"model.pretrained: imagenet for {cfg.model.backbone}: {problem}")
-
-
-def check_config(cfg: Config, local: bool) -> None:
-    """Every check that needs no data, before any work: model, loss, weights, device, where checkpoints go."""
-    check_model(cfg)
-    check_device(cfg, local)
-    if local and is_remote(cfg.train.storage_path):
-        raise ConfigError(f"train.storage_path: local mode keeps checkpoints on a local path, got "
-                          f"{cfg.train.storage_path}")
-
-
-def prepare(cfg: Config, local: bool) -> tuple[Config, str | None, dict[str, Any]]:
-    """Everything before training, in the order that does no work before it is known to be worth it: config
-    checks, the tracking server, the data checks (on the shards, or on the plan of those to build), then the
-    shards. (resolved config, tracking URI or None, manifest)."""
-    cfg = resolve_paths(cfg)
-    check_config(cfg, local)
-    uri = open_tracking(cfg)
-    check_data(cfg, shards.current_or_planned(cfg.data), 1 if local else cfg.train.workers)
-    return cfg, uri, shards.ensure(cfg.data)
-
-
-def check_device(cfg: Config, local: bool) -> None:
-    """``train.device=cuda`` needs a GPU: in this process (local mode) or in the Ray cluster."""
-    if cfg.train.device != "cuda":
-        return
-    if local:
-        from pipeline.runtime import Capabilities, decide_device
-
-        decide_device("cuda", Capabilities.detect())
-        return
-    import ray
-
-    init_ray()
-    if not ray.cluster_resources().get("GPU", 0):
-        raise ConfigError("train.device: cuda was asked for, but the Ray cluster has no GPU "
-                          "(set train.device=auto or cpu)")
-
-
-def check_data(cfg: Config, manifest: dict[str, Any], world_size: int) -> None:
-    """Checks that need the manifest: is there enough data for one batch on every rank and loader worker?"""
-    from pipeline.data.stream import (
-        batches_per_slot,
-        epoch_units,
-        held_out_classes,
-        resolve_loader_workers,
-        without_classes,
-    )
-
-    try:
-        held_out = held_out_classes(manifest, cfg)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    s = cfg.sampler
-    classes = manifest["splits"]["train"]["classes"] - len(held_out)
-    if classes < s.classes_per_batch:
-        raise ConfigError(f"sampler.classes_per_batch: {s.classes_per_batch} classes per batch, but "
-                          f"{cfg.data.root} has {classes} training classes")
-    units = epoch_units(without_classes(manifest["splits"]["train"]["shards"], held_out), s.epoch, s.images_per_class)
-    workers = max(1, resolve_loader_workers(s, cfg.train.cpus_per_worker, units, world_size))
-    if batches_per_slot(units, world_size * workers, s.classes_per_batch, pad=False) == 0:
-        unit = "classes" if s.epoch == "classes" else f"groups of {s.images_per_class} images"
-        raise ConfigError(
-            f"sampler.classes_per_batch: {s.classes_per_batch} per batch x {world_size} ranks x {workers} loader "
-            f"workers needs at least {world_size * workers * s.classes_per_batch} {unit} per epoch; {cfg.data.root} "
-            f"has {units} (fewer loader workers, ranks or classes per batch; or sampler.epoch=images)")
-
-
 def _use_gpu(cfg: Config) -> bool:
     """Ask Ray for a GPU per worker: train.device=cuda, or auto on a cluster that has GPUs."""
     if cfg.train.device != "auto":
@@ -152,121 +45,31 @@ def _use_gpu(cfg: Config) -> bool:
     return bool(ray.cluster_resources().get("GPU", 0))
 
 
-_INTERRUPT_ON_SIGTERM = False
-
-
-def _terminate(signum: int, frame) -> None:  # noqa: ANN001 - signal handler signature
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def interrupt_on_sigterm() -> None:
-    """SIGTERM ends a run as Ctrl-C does (the MLflow run KILLED, Ray shut down). Ray's driver installs its own
-    handler when it starts (which aborts the process), so ``init_ray`` puts this one back."""
-    global _INTERRUPT_ON_SIGTERM
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
-        _INTERRUPT_ON_SIGTERM = True
-
-
-class RayConsole:
-    """What reaches the console from Ray's processes: the workers' progress bars and gdml's own lines; Ray's own
-    lines (Train's per-report INFO records, the controller's core-worker messages, raylet notes) go to the run's
-    log file instead, whose path is printed once (outside a run they stay in Ray's own session logs only).
-    ``verbose`` (``gdml -v``) shows everything, as Ray would."""
-
-    verbose = False
-    log_path: Path | None = None
-    announced: set[str] = set()
-
-    @classmethod
-    def install(cls) -> None:
-        """Wrap the function the Ray driver prints forwarded worker lines with (looked up at each call)."""
-        import ray._private.worker as ray_worker
-        from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
-
-        original = ray_worker.print_worker_logs
-        if getattr(original, "_gdml", False):
-            return
-
-        def route(data: dict, print_file: Any, ignore_prefix: bool = False) -> None:
-            lines = data.get("lines", [])
-            if cls.verbose:
-                return original(data, print_file, ignore_prefix)
-            shown = [line for line in lines if RAY_TQDM_MAGIC in line or "gdml:" in line]
-            hidden = [line for line in lines if line not in shown]
-            if hidden and cls.log_path is not None:
-                try:
-                    cls.log_path.parent.mkdir(parents=True, exist_ok=True)
-                    with cls.log_path.open("a") as f:
-                        f.writelines(f"({data.get('actor_name') or data.get('task_name') or ''} pid={data.get('pid')})"
-                                     f" {line}\n" for line in hidden)
-                except OSError:
-                    pass
-            if shown:
-                original({**data, "lines": shown}, print_file, ignore_prefix)
-
-        route._gdml = True
-        ray_worker.print_worker_logs = route
-
-    @staticmethod
-    def clear_bars() -> None:
-        """Forget the finished run's bars (Ray's bar manager would draw them again after every later line)."""
-        from ray.experimental import tqdm_ray
-
-        manager = tqdm_ray.instance()
-        with manager.lock:
-            manager.hide_bars()
-            manager.bar_groups.clear()
-            manager.in_hidden_state, manager.num_hides = False, 0
-
-    @classmethod
-    def for_run(cls, path: Path, progress: bool) -> None:
-        cls.log_path = path
-        if progress and not cls.verbose and str(path) not in cls.announced:
-            cls.announced.add(str(path))
-            print(f"gdml: Ray's own log lines for this run go to {path} (gdml -v shows them here)", flush=True)
-
-
-def init_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(logging_level=logging.WARNING, log_to_driver=True)
-        if _INTERRUPT_ON_SIGTERM:
-            interrupt_on_sigterm()
-    RayConsole.install()
-
-
 def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress: bool = True,
-        extra: dict[str, Any] | None = None, callbacks: list | None = None) -> tuple[str, list[dict]]:
+        hooks: Any = None, epoch_gate: Any = None, callbacks: list | None = None) -> tuple[str, list[dict]]:
     """Train with Ray Train (or in-process); returns the final checkpoint directory and the per-epoch metrics
     (in local mode the last epoch's only).
 
-    A run whose storage already holds checkpoints (the same ``name``) resumes from the newest one.
-    ``extra`` adds keys to the worker's config (e.g. ``trace_dir``, see ``pipeline.train``).
+    A run whose storage already holds checkpoints (the same ``name``) resumes from the newest one. ``hooks``
+    (``pipeline.train.Hooks``): what tests and benchmarks hook into the ranks; ``epoch_gate``: a sweep trial's
+    ``pipeline.pacing.EpochGate``.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
-    from pipeline.train import STAGING_PREFIX, train_loop_per_worker
+    from pipeline.train import STAGING_PREFIX, Hooks, WorkerArgs, train_loop_per_worker
 
     storage = cfg.train.storage_path
     for stale in journal_dir(cfg, name).glob(f"{STAGING_PREFIX}*"):  # a rank killed while it staged a checkpoint
         shutil.rmtree(stale, ignore_errors=True)
     resume_from = latest_checkpoint(storage, name)
-    loop_config = {"cfg": cfg.to_dict(), "mlflow_uri": tracker.uri, "mlflow_run_id": tracker.run_id,
-                   "progress": progress, "name": name, "local": local, "journal_dir": str(journal_dir(cfg, name)),
-                   **(extra or {})}
     if resume_from:
         log.info("resuming %s from %s", name, resume_from)
-    if not is_remote(storage):
-        loop_config["fault_marker"] = str(Path(storage) / name / ".fault-injected")
+    args = WorkerArgs(cfg, name, local, progress, tracker.uri, tracker.run_id, str(journal_dir(cfg, name)),
+                      checkpoint_root=str(Path(storage) / name) if local else None,
+                      fault_marker=None if is_remote(storage) else str(Path(storage) / name / ".fault-injected"),
+                      epoch_gate=epoch_gate, hooks=hooks or Hooks())
     if local:
-        loop_config["checkpoint_root"] = str(Path(storage) / name)
         if not RayConsole.verbose:  # Ray Train's own lines (local mode, every report): on the console with -v only
             logging.getLogger("ray.train").setLevel(logging.WARNING)
         scaling = ScalingConfig(num_workers=0)
@@ -277,7 +80,7 @@ def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress
                                 resources_per_worker={"CPU": cfg.train.cpus_per_worker})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"args": args},
         scaling_config=scaling,
         run_config=RunConfig(name=name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -342,51 +145,6 @@ def journal_dir(cfg: Config, name: str) -> Path:
     return Path(tempfile.gettempdir()) / "gdml-journals" / name if is_remote(storage) else Path(storage) / name
 
 
-def log_training_curves(tracker: tracking.Tracker, cfg: Config) -> None:
-    """Per-epoch figures from the run's MLflow history: the generalisation gap and the adversary's state."""
-    if not tracker.enabled:
-        return
-    from matplotlib import pyplot as plt
-
-    from pipeline.evaluation.plots import epoch_curves
-
-    keys = ["gap/seen_recall_at_1", "gap/unseen_recall_at_1", "gap/seen_map_at_r", "gap/unseen_map_at_r",
-            "adv_acc", "adv_chance", "adv_lambda", "adv_grad_ratio"]
-    try:
-        history = {k: [(m.step, m.value) for m in sorted(tracker.client.get_metric_history(tracker.run_id, k),
-                                                          key=lambda m: m.step)] for k in keys}
-    except Exception as err:  # noqa: BLE001 - the curves are drawn from MLflow's history; without it, none
-        log.warning("per-epoch figures left out: MLflow's history is not readable (%s)", type(err).__name__)
-        return
-    figures = []
-    if history["gap/seen_recall_at_1"]:
-        figures.append(("generalisation_gap", epoch_curves(
-            history, [("Recall@1", keys[0:2]), ("MAP@R", keys[2:4])],
-            "seen classes vs held-out classes, per epoch (the gap is their difference)")))
-    if history["adv_acc"]:
-        figures.append(("adversary", epoch_curves(
-            history, [("head accuracy on training classes", ["adv_acc", "adv_chance"]), ("lambda", ["adv_lambda"]),
-                      ("|reversed gradient| / |metric-loss gradient|", ["adv_grad_ratio"])],
-            "the class adversary, per epoch")))
-    for name, fig in figures:
-        tracker.log_figure(fig, f"plots/{name}.png")
-        plt.close(fig)
-
-
-def open_tracking(cfg: Config) -> str | None:
-    """The tracking URI, checked before any training: unreachable -> stop (or, if not required, go untracked)."""
-    uri = cfg.tracking.uri
-    assert uri is not None
-    problem = tracking.check_reachable(uri)
-    if problem is None:
-        return uri
-    if cfg.tracking.required:
-        raise tracking.TrackingUnavailable(f"{problem}; nothing was trained. Start it, point MLFLOW_TRACKING_URI "
-                                           "elsewhere, or set tracking.required=false to train untracked")
-    log.warning("!!! %s: training WITHOUT tracking (tracking.required=false); nothing goes to MLflow !!!", problem)
-    return None
-
-
 def run_name(cfg: Config, variant: str | None = None) -> str:
     if cfg.train.name:
         return cfg.train.name
@@ -423,7 +181,9 @@ def train_and_evaluate(cfg: Config, local: bool = False, name: str | None = None
         log_evaluation(tracker, ev, manifest, cfg.data.root, "test", plots=plots, seed=cfg.train.seed,
                        image_size=cfg.data.image_size)
         if plots:
-            log_training_curves(tracker, cfg)
+            from pipeline.evaluation.plots import log_training_curves
+
+            log_training_curves(tracker)
         tracker.log_artifacts(checkpoint, "checkpoint")
     if tracker.unsent() and tracker.replay(cfg.tracking.outage_wait):
         log.warning("MLflow at %s did not answer: %d writes of this run are in %s; `gdml replay %s` sends them "

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline import names
 from pipeline.config import ConfigError
 
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = names.DEVICES
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,12 @@
 """The per-worker training function: pure torch plus ``ray.train`` calls.
 
 Ray Train runs it on every DDP rank; local mode (``ScalingConfig(num_workers=0)``) runs the very same
-function in the driver process. The driver (``pipeline.launch``) passes a plain dict:
-
-- ``cfg``: the resolved config; ``mlflow_uri`` / ``mlflow_run_id``: where rank 0 logs (None: untracked), from a
-  background thread that never makes training wait; ``journal_dir``: where what it cannot send yet is kept;
-- ``name``: the run's name; its checkpoints live in ``train.storage_path/name``;
-- ``checkpoint_root``: local mode only, where checkpoints are written (Ray Train persists them otherwise);
-- ``fault_marker``: a file that makes each injected fault happen once per run;
-- ``epoch_gate`` (sweeps): a ``pipeline.pacing.EpochGate``; every rank waits at it before each epoch until the
-  trial lets that epoch start (so that a trial stopped at a rung trains no further);
-- ``trace_dir`` (tests): each rank writes there the labels of every batch it trained on, the devices its
-  parameters and batches were on, its process id, and each epoch it completed;
-- ``synthetic_batches`` (benchmarks): train on this many fixed random batches held in device memory instead of
-  the stream, to measure the training path without data loading.
+function in the driver process. The driver (``pipeline.launch``) hands it one :class:`WorkerArgs` (Ray Train's
+``train_loop_config`` only carries it); what tests and benchmarks hook in travels in its :class:`Hooks`.
 
 The function reads as its steps: set up the worker, its data and its model; resume if there is a checkpoint;
-then per epoch train, validate (rank 0), checkpoint and report.
+then per epoch train, validate (rank 0), checkpoint and report. What a rank resumes from is one
+``pipeline.checkpoint.TrainState``, saved and loaded whole.
 """
 
 from __future__ import annotations
@@ -29,9 +19,9 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import ray.train
@@ -41,12 +31,12 @@ import torch.distributed as dist
 
 from pipeline.checkpoint import (
     NonFiniteLoss,
+    TrainState,
     checkpoint_dir_name,
     load_checkpoint,
     load_latest,
     rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from pipeline.config import Config
 from pipeline.data.shards import load_manifest
@@ -59,7 +49,7 @@ from pipeline.data.stream import (
     without_classes,
 )
 from pipeline.data.transforms import normalize, train_augment, train_min_area
-from pipeline.model.adversary import adversary_lambda
+from pipeline.model.adversary import Schedule
 from pipeline.model.embedder import Embedder
 from pipeline.objectives import MetricLoss, TrainModule
 from pipeline.runtime import Runtime, worker_runtime
@@ -68,6 +58,44 @@ from pipeline.tracking import WORKER_JOURNAL, Tracker, fail_fast_http
 STAGING_PREFIX = ".staging-"
 """Checkpoints on their way to Ray Train's storage are written in ``<journal_dir>/.staging-*`` first."""
 EPOCH_SUMS = ("loss", "loss_dml", "loss_adv", "adv_acc", "adv_grad_norm", "dml_grad_norm")
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What tests and benchmarks hook into a run's ranks; the default does nothing."""
+
+    trace_dir: str | None = None
+    """Each rank writes there the labels of every batch it trained on, the devices its parameters and batches were
+    on, its process id, and each epoch it completed."""
+    synthetic_batches: int = 0
+    """Train on this many fixed random batches held in device memory instead of the stream (the training path
+    without data loading)."""
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """What the driver hands every rank."""
+
+    cfg: Config
+    """The resolved config (absolute paths)."""
+    name: str
+    """The run's name: its checkpoints live in ``train.storage_path/name``."""
+    local: bool = False
+    """One process (local mode), no Ray Train workers."""
+    progress: bool = True
+    mlflow_uri: str | None = None
+    mlflow_run_id: str | None = None
+    """Where rank 0 logs (None: untracked), from a background thread that never makes training wait."""
+    journal_dir: str | None = None
+    """Where the tracking writes a server did not take yet wait; checkpoints are staged there too."""
+    checkpoint_root: str | None = None
+    """Local mode only: where checkpoints are written (Ray Train persists them otherwise)."""
+    fault_marker: str | None = None
+    """A file that makes each injected fault (``fault.*``) happen once per run."""
+    epoch_gate: Any = None
+    """Sweeps: a ``pipeline.pacing.EpochGate``; every rank waits at it before each epoch until the trial lets that
+    epoch start (so that a trial stopped at a rung trains no further)."""
+    hooks: Hooks = field(default_factory=Hooks)
 
 
 def seed_everything(seed: int) -> None:
@@ -90,7 +118,7 @@ def build_optimizer(module: TrainModule, cfg: Config) -> torch.optim.Optimizer:
 class Worker:
     """Everything one rank trains with."""
 
-    config: dict[str, Any]
+    args: WorkerArgs
     cfg: Config
     rank: int
     world: int
@@ -102,21 +130,20 @@ class Worker:
     loader: Any
     steps: int
     """Steps per epoch, the same on every rank."""
-    module: TrainModule
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
+    state: TrainState
     tracker: Tracker
     ddp_module: torch.nn.Module | None = None
-    skipped_steps: int = 0
-    ramp_steps: int = 0
-    """The adversary ramp's horizon in steps: fixed when the run starts and kept when it is resumed with more
-    epochs (lambda then stays at its final value), so resuming never changes lambda for steps already planned."""
-    adv_acc_ema: float | None = None
-    warmup_done_at: float | None = None
-    """warmup schedule: the training progress at which the head rose above chance (None while it has not)."""
     batch_devices: set[str] | None = None
     """Devices the batches were moved to (traced runs only)."""
     validation_device: str | None = None
+
+    @property
+    def module(self) -> TrainModule:
+        return self.state.module
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.state.schedule
 
     @property
     def distributed(self) -> bool:
@@ -126,37 +153,15 @@ class Worker:
     def device(self) -> torch.device:
         return self.run.device
 
-    @property
-    def total_steps(self) -> int:
-        return self.steps * self.cfg.train.epochs
 
-    def adversary_lambda(self, step: int) -> float:
-        adv = self.cfg.model.adversary
-        if not adv.enabled:
-            return 0.0
-        return adversary_lambda(adv.weight, adv.schedule, step / max(1, self.ramp_steps - 1), self.warmup_done_at)
-
-    def track_warmup(self, accuracy: float, step: int) -> None:
-        """warmup schedule: a running mean of the head's accuracy (the same on every rank) against chance."""
-        adv = self.cfg.model.adversary
-        if adv.schedule != "warmup" or self.warmup_done_at is not None:
-            return
-        self.adv_acc_ema = accuracy if self.adv_acc_ema is None else 0.9 * self.adv_acc_ema + 0.1 * accuracy
-        if self.adv_acc_ema > adv.warmup_factor / self.num_train_classes:
-            self.warmup_done_at = step / max(1, self.ramp_steps - 1)
-
-    def resume_state(self) -> dict:
-        return {"ramp_steps": self.ramp_steps, "adv_acc_ema": self.adv_acc_ema, "warmup_done_at": self.warmup_done_at}
-
-
-def setup_worker(config: dict[str, Any]) -> Worker:
+def setup_worker(args: WorkerArgs) -> Worker:
     """Threads, seeds and hardware choice; the rank's share of the data; the model, optimiser and tracker."""
-    cfg = Config.model_validate(config["cfg"])
+    cfg = args.cfg
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.train.cpus_per_worker)
     seed_everything(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    run = worker_runtime(cfg.train.device, cfg.train.amp, cfg.train.channels_last, local=config.get("local", False))
+    run = worker_runtime(cfg.train.device, cfg.train.amp, cfg.train.channels_last, local=args.local)
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -183,8 +188,8 @@ def setup_worker(config: dict[str, Any]) -> Worker:
     module = TrainModule(embedder, MetricLoss(cfg.loss, num_train_classes, cfg.model.embedding_size, world))
     module = module.to(run.device, memory_format=torch.channels_last if run.channels_last else torch.preserve_format)
     fail_fast_http()
-    tracker = Tracker(config.get("mlflow_uri"), config.get("mlflow_run_id"), journal_dir=config.get("journal_dir"),
-                      background=True, journal_name=WORKER_JOURNAL) if rank == 0 else Tracker(None, None)
+    tracker = Tracker(args.mlflow_uri, args.mlflow_run_id, journal_dir=args.journal_dir, background=True,
+                      journal_name=WORKER_JOURNAL) if rank == 0 else Tracker(None, None)
     if rank == 0:
         tracker.log_params({"runtime.device": str(run.device), "runtime.describe": run.describe(),
                             "runtime.world_size": world, "runtime.loader_workers": loader_workers})
@@ -192,13 +197,14 @@ def setup_worker(config: dict[str, Any]) -> Worker:
         sys.stdout.write(f"gdml: training on {run.describe()}" + (f", {world} workers\n" if world > 1 else "\n"))
         sys.stdout.flush()
     loader = train_loader(stream, run.pin_memory)
-    if config.get("synthetic_batches"):
-        loader = synthetic_batches(config["synthetic_batches"], cfg, num_train_classes, run.device)
-        steps = cfg.train.max_steps_per_epoch or config["synthetic_batches"]
-    return Worker(config, cfg, rank, world, run, manifest, num_train_classes, val_classes, stream,
-                  loader, steps, module, build_optimizer(module, cfg),
-                  torch.amp.GradScaler(run.device_type, enabled=run.grad_scaler), tracker,
-                  ramp_steps=steps * cfg.train.epochs, batch_devices=set() if config.get("trace_dir") else None)
+    if args.hooks.synthetic_batches:
+        loader = synthetic_batches(args.hooks.synthetic_batches, cfg, num_train_classes, run.device)
+        steps = cfg.train.max_steps_per_epoch or args.hooks.synthetic_batches
+    scaler = torch.amp.GradScaler(run.device_type, enabled=run.grad_scaler)
+    state = TrainState(module, build_optimizer(module, cfg), scaler,
+                       Schedule(cfg.model.adversary, num_train_classes, ramp_steps=steps * cfg.train.epochs))
+    return Worker(args, cfg, rank, world, run, manifest, num_train_classes, val_classes, stream, loader, steps,
+                  state, tracker, batch_devices=set() if args.hooks.trace_dir else None)
 
 
 def synthetic_batches(count: int, cfg: Config, num_classes: int, device: torch.device) -> list:
@@ -222,35 +228,25 @@ class _Cycle:
             yield from self.items
 
 
-def resume(w: Worker) -> tuple[int, int]:
-    """(first epoch, global step) from the newest checkpoint: the one Ray Train restarted the group with (a lost
+def resume(w: Worker) -> None:
+    """Load the newest checkpoint into the rank's state: the one Ray Train restarted the group with (a lost
     worker), or the newest in the run's storage (the same run name again; or a checkpoint a rank had written
-    before the failure that Ray Train had not registered yet). (0, 0) for a fresh run."""
+    before the failure that Ray Train had not registered yet). A fresh run starts at epoch 0."""
     candidates = []
     restarted = ray.train.get_checkpoint()
     if restarted is not None:
         with restarted.as_directory() as directory:
             candidates.append(load_checkpoint(directory))
-    stored = load_latest(w.cfg.train.storage_path, w.config["name"]) if w.config.get("name") else None
+    stored = load_latest(w.cfg.train.storage_path, w.args.name)
     if stored is not None:
         candidates.append(stored[1])
     if not candidates:
-        return 0, 0
-    state = max(candidates, key=lambda s: s["epoch"])
-    w.module.embedder.load_state_dict(state["model"])
-    w.module.metric_loss.load_state_dict(state["loss"])
-    w.optimizer.load_state_dict(state["optimizer"])
-    w.scaler.load_state_dict(state["scaler"])
-    per_rank = state.get("rng_per_rank") or []
-    set_rng_state(per_rank[w.rank] if len(per_rank) == w.world else state["rng"])  # each rank its own RNG
-    w.skipped_steps = int(state["metrics"].get("skipped_steps", 0))
-    loop = state.get("loop", {})
-    w.ramp_steps = int(loop.get("ramp_steps", w.ramp_steps))
-    w.adv_acc_ema, w.warmup_done_at = loop.get("adv_acc_ema"), loop.get("warmup_done_at")
+        return
+    saved = max(candidates, key=lambda s: s["epoch"])
+    w.state.load_state_dict(saved, w.rank, w.world)
     # Exactly once: the epoch of this checkpoint was reported; its metrics are logged unless MLflow has them
     # (the crash may have come between the checkpoint and the log).
-    w.tracker.log_metrics(_mlflow_metrics(state["metrics"]), step=state["epoch"], once=True)
-    return state["epoch"], state["step"]
+    w.tracker.log_metrics(_mlflow_metrics(saved["metrics"]), step=saved["epoch"], once=True)
 
 
 def distribute(w: Worker) -> None:
@@ -285,20 +281,32 @@ def _progress(total: int, desc: str, enabled: bool, local: bool):
 
 def _inject_crash(w: Worker, step: int) -> None:
     f = w.cfg.fault
-    marker = w.config.get("fault_marker")
+    marker = w.args.fault_marker
     if f.crash_step == step and f.crash_rank == w.rank and marker and not os.path.exists(marker):
         Path(marker).parent.mkdir(parents=True, exist_ok=True)
         Path(marker).write_text(f"rank {w.rank} crashed at step {step}\n")
         os._exit(17)  # a lost worker: the process dies without a word
 
 
-def train_step(w: Worker, images: torch.Tensor, labels: torch.Tensor, lam: float, where: str, global_step: int
-               ) -> dict[str, float] | None:
-    """One optimisation step (AMP, gradient scaling, the NaN policy); the step's loss terms, None if skipped.
+class StepTerms(NamedTuple):
+    """One step's loss terms and gradient norms (host values, this rank's own, as logged)."""
+
+    loss: float
+    loss_dml: float
+    loss_adv: float
+    adv_acc: float
+    grad_norm: float
+    adv_grad_norm: float
+    dml_grad_norm: float
+
+
+def train_step(w: Worker, images: torch.Tensor, labels: torch.Tensor, lam: float, where: str) -> StepTerms | None:
+    """One optimisation step (AMP, gradient scaling, the NaN policy); the step's terms, None if skipped.
 
     The device is synchronised once per step: for the values that decide whether the step is applied (a NaN/inf
     on any rank skips or stops it everywhere), which are also the values logged.
     """
+    step, state = w.state.step + 1, w.state
     images = normalize(images.to(w.device, non_blocking=True))  # uint8 from the stream: normalised on the device
     if w.run.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -309,97 +317,96 @@ def train_step(w: Worker, images: torch.Tensor, labels: torch.Tensor, lam: float
         loss_dml, loss_adv, logits = w.ddp_module(images, labels, lam)
     loss_dml = loss_dml.float()
     loss = loss_dml if loss_adv is None else loss_dml + loss_adv.float()
-    if w.cfg.fault.nan_step == global_step and w.cfg.fault.nan_rank in (None, w.rank):
+    if w.cfg.fault.nan_step == step and w.cfg.fault.nan_rank in (None, w.rank):
         loss = loss * float("nan")
-    w.optimizer.zero_grad(set_to_none=True)
-    w.scaler.scale(loss).backward()  # under DDP the gradients are all-reduced here: the same on every rank
-    w.scaler.unscale_(w.optimizer)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()  # under DDP the gradients are all-reduced here: the same on every rank
+    state.scaler.unscale_(state.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(w.module.parameters(), float("inf"))
     zero = loss.new_zeros(())
     norms = w.module.embedder.grad_norms  # at the adversary's input, per path (scaled like the loss)
-    values = torch.stack([loss.detach(), loss_dml.detach(),
-                          zero if loss_adv is None else loss_adv.detach().float(),
+    on_device = StepTerms(loss.detach(), loss_dml.detach(), zero if loss_adv is None else loss_adv.detach().float(),
                           zero if logits is None else (logits.argmax(1) == labels).float().mean(),
-                          grad_norm.detach().float(), norms.get("adv", zero), norms.get("dml", zero)])
-    checked = (("loss_dml", 1), ("loss_adv", 2), ("loss", 0))
-    if not w.run.grad_scaler:  # fp16: the scaler skips steps whose gradients overflowed
-        checked += (("gradient norm", 4),)
-    bad = (~torch.isfinite(values[[i for _, i in checked]])).any().float()
-    shared = torch.stack([bad, values[3]])  # the NaN decision and the head's accuracy, the same on every rank
+                          grad_norm.detach().float(), norms.get("adv", zero), norms.get("dml", zero))
+    # (fp16: the scaler itself skips steps whose gradients overflowed, so their norm is not checked)
+    checked = ["loss_dml", "loss_adv", "loss"] + ([] if w.run.grad_scaler else ["grad_norm"])
+    bad = (~torch.isfinite(torch.stack([getattr(on_device, name) for name in checked]))).any().float()
+    shared = torch.stack([bad, on_device.adv_acc])  # the NaN decision and the head's accuracy, on every rank
     if w.distributed:
         dist.all_reduce(shared)
         shared[1] /= w.world
-    host, (bad_anywhere, accuracy) = values.tolist(), shared.tolist()
+    terms = StepTerms(*torch.stack(list(on_device)).tolist())
+    bad_anywhere, accuracy = shared.tolist()
     if w.run.grad_scaler:  # the gradient norms were taken on the scaled loss
-        scale = w.scaler.get_scale()
-        host[5], host[6] = host[5] / scale, host[6] / scale
+        scale = state.scaler.get_scale()
+        terms = terms._replace(adv_grad_norm=terms.adv_grad_norm / scale, dml_grad_norm=terms.dml_grad_norm / scale)
     if bad_anywhere:
-        terms = [name for name, i in checked if not math.isfinite(host[i])]
+        names = [n.replace("grad_norm", "gradient norm") for n in checked if not math.isfinite(getattr(terms, n))]
         if w.cfg.train.nonfinite == "stop":
-            raise NonFiniteLoss(f"non-finite {' and '.join(terms) or 'loss on another rank'} at {where}; "
+            raise NonFiniteLoss(f"non-finite {' and '.join(names) or 'loss on another rank'} at {where}; "
                                 "no checkpoint was written from it (train.nonfinite=skip skips such steps)")
-        w.skipped_steps += 1
-        w.optimizer.zero_grad(set_to_none=True)
-        w.scaler.update()
+        state.skipped_steps += 1
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.update()
         return None
-    w.scaler.step(w.optimizer)  # with fp16, skips steps whose gradients overflowed
-    w.scaler.update()
-    out = {"loss": host[0], "loss_dml": host[1]}
+    state.scaler.step(state.optimizer)  # with fp16, skips steps whose gradients overflowed
+    state.scaler.update()
     if loss_adv is not None:
-        out.update(loss_adv=host[2], adv_acc=host[3], adv_grad_norm=host[5], dml_grad_norm=host[6])
-        w.track_warmup(accuracy, global_step)
-    return out
+        w.schedule.observe(accuracy, step)
+    return terms
 
 
-def train_epoch(w: Worker, epoch: int, step: int) -> tuple[dict[str, float], int]:
-    """One epoch on this rank's share: (epoch metrics averaged over ranks, global step after it)."""
+def train_epoch(w: Worker, epoch: int) -> dict[str, float]:
+    """One epoch on this rank's share (``w.state.step`` moves on): the epoch's metrics averaged over ranks."""
     adv = w.cfg.model.adversary
+    hooks = w.args.hooks
     w.stream.set_epoch(epoch)
     w.ddp_module.train()
     sums = dict.fromkeys(EPOCH_SUMS, 0.0)
     started = time.perf_counter()
-    bar = _progress(w.steps, f"epoch {epoch + 1}/{w.cfg.train.epochs}",
-                    w.rank == 0 and w.config.get("progress", True), w.config.get("local", False))
+    bar = _progress(w.steps, f"epoch {epoch + 1}/{w.cfg.train.epochs}", w.rank == 0 and w.args.progress,
+                    w.args.local)
     seen, applied, lam = 0, 0, 0.0
     traced: list[list[int]] = []
     for images, labels in w.loader:
         if seen >= w.steps:
             break
-        _inject_crash(w, step + 1)
-        lam = w.adversary_lambda(step)
-        where = f"epoch {epoch + 1}, step {seen + 1} (global step {step + 1})"
-        terms = train_step(w, images, labels, lam, where, step + 1)
+        step = w.state.step + 1
+        _inject_crash(w, step)
+        lam = w.schedule.lam(w.state.step)
+        terms = train_step(w, images, labels, lam, f"epoch {epoch + 1}, step {seen + 1} (global step {step})")
         if terms is not None:
             applied += 1
-            for key, value in terms.items():
-                sums[key] += value
-        if w.config.get("trace_dir"):
+            for key in EPOCH_SUMS:
+                sums[key] += getattr(terms, key)
+        if hooks.trace_dir:
             traced.append(labels.tolist())
         seen += 1
-        step += 1
+        w.state.step = step
         if bar is not None:
             bar.update(1)
             if terms is not None and seen % 10 == 1:
-                bar.set_description(f"epoch {epoch + 1}/{w.cfg.train.epochs} loss {terms['loss']:.3f}")
+                bar.set_description(f"epoch {epoch + 1}/{w.cfg.train.epochs} loss {terms.loss:.3f}")
     if bar is not None:
         bar.close()
     if seen != w.steps:
         raise RuntimeError(f"rank {w.rank} took {seen} steps in epoch {epoch + 1}, expected {w.steps}")
-    if w.config.get("trace_dir"):
-        (Path(w.config["trace_dir"]) / f"rank{w.rank}-epoch{epoch + 1}.json").write_text(json.dumps(traced))
+    if hooks.trace_dir:
+        (Path(hooks.trace_dir) / f"rank{w.rank}-epoch{epoch + 1}.json").write_text(json.dumps(traced))
     metrics = _mean_across_ranks({k: v / max(1, applied) for k, v in sums.items()}, w)
     metrics.update(epoch=epoch + 1, steps=seen, adv_lambda=lam, epoch_seconds=time.perf_counter() - started,
                    skipped_samples=w.stream.stats.skipped, reused_units=w.stream.stats.reused_units,
-                   skipped_steps=w.skipped_steps)
+                   skipped_steps=w.state.skipped_steps)
     if adv.enabled:
         metrics.update(adv_chance=1.0 / w.num_train_classes,
                        adv_grad_ratio=metrics["adv_grad_norm"] / max(metrics["dml_grad_norm"], 1e-12))
         if adv.schedule == "warmup":
-            metrics["adv_warmup_done_at"] = -1.0 if w.warmup_done_at is None else w.warmup_done_at
+            done_at = w.schedule.warmup_done_at
+            metrics["adv_warmup_done_at"] = -1.0 if done_at is None else done_at
     else:
         for key in ("loss_adv", "adv_acc", "adv_lambda", "adv_grad_norm", "dml_grad_norm"):
             metrics.pop(key)
-    return metrics, step
+    return metrics
 
 
 def validate(w: Worker) -> dict[str, float]:
@@ -434,30 +441,29 @@ def _gather_rng(w: Worker) -> list[dict[str, Any]]:
     return states
 
 
-def report(w: Worker, metrics: dict[str, float], epoch: int, step: int) -> None:
-    """Every rank reports once per epoch (a barrier); rank 0 attaches the checkpoint (with every rank's RNG
-    state), then logs to MLflow (after the checkpoint: see ``resume``)."""
+def report(w: Worker, metrics: dict[str, float]) -> None:
+    """Every rank reports once per epoch (a barrier); rank 0 attaches the checkpoint (the training state with every
+    rank's RNG state), then logs to MLflow (after the checkpoint: see ``resume``)."""
     if w.rank != 0:
         _gather_rng(w)
         ray.train.report(metrics)
         return
     rng_per_rank = _gather_rng(w)
-    keep = w.config.get("checkpoint_root")  # local mode: checkpoints stay where they are written
-    name = checkpoint_dir_name(epoch)
+    keep = w.args.checkpoint_root  # local mode: checkpoints stay where they are written
+    name = checkpoint_dir_name(w.state.epoch)
     # else staged beside the run's journal (a local folder in every mode: a rank killed mid-report leaves its
     # staging there, where the next start of the run removes it, not in the machine's temp folder)
-    staging = Path(w.config["journal_dir"]) if w.config.get("journal_dir") else None
+    staging = Path(w.args.journal_dir) if w.args.journal_dir else None
     if staging is not None:
         staging.mkdir(parents=True, exist_ok=True)
     directory = Path(keep) / name if keep else Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=staging)) / name
-    save_checkpoint(directory, w.module, w.optimizer, w.scaler, w.cfg, w.num_train_classes, epoch, step, metrics,
-                    extra={"runtime": {"device": str(w.device), "describe": w.run.describe(), "world_size": w.world},
-                           "loop": w.resume_state(), "rng_per_rank": rng_per_rank})
+    save_checkpoint(directory, w.state, w.cfg, w.num_train_classes, metrics, rng_per_rank, extra={
+        "runtime": {"device": str(w.device), "describe": w.run.describe(), "world_size": w.world}})
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
                      checkpoint_dir_name=name)
     if not keep:
         shutil.rmtree(directory.parent, ignore_errors=True)
-    w.tracker.log_metrics(_mlflow_metrics(metrics), step=epoch, once=True)
+    w.tracker.log_metrics(_mlflow_metrics(metrics), step=w.state.epoch, once=True)
 
 
 def _mlflow_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -475,31 +481,33 @@ def _pause(w: Worker, epoch: int) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    w = setup_worker(config)
-    trace = Path(config["trace_dir"]) if config.get("trace_dir") else None
+    """Ray Train's entry: ``config["args"]`` is the run's :class:`WorkerArgs`."""
+    args: WorkerArgs = config["args"]
+    w = setup_worker(args)
+    trace = Path(args.hooks.trace_dir) if args.hooks.trace_dir else None
     if trace:
         (trace / f"rank{w.rank}.pid").write_text(str(os.getpid()))
-    first_epoch, step = resume(w)
+    resume(w)
     distribute(w)
-    gate = config.get("epoch_gate")
-    for epoch in range(first_epoch, w.cfg.train.epochs):
+    for epoch in range(w.state.epoch, w.cfg.train.epochs):
         _pause(w, epoch)
-        if gate is not None:
+        if args.epoch_gate is not None:
             w.tracker.drain(timeout=10.0)  # the epoch before is in MLflow (or the journal) before Tune may stop us
-            ray.get(gate.wait.remote(epoch))
-        metrics, step = train_epoch(w, epoch, step)
+            ray.get(args.epoch_gate.wait.remote(epoch))
+        metrics = train_epoch(w, epoch)
         if trace:  # written before the checkpoint exists: a loss after it cannot hide a trained epoch
             with (trace / f"rank{w.rank}-epochs.log").open("a") as f:
                 f.write(f"{epoch + 1}\n")
         metrics.update(validate(w))
-        report(w, metrics, epoch + 1, step)
+        w.state.epoch = epoch + 1
+        report(w, metrics)
         if trace:
-            _trace_devices(w)
+            _trace_devices(w, trace)
     w.tracker.close(timeout=10.0)  # what is still unsent stays in the worker's journal: the driver takes it over
 
 
-def _trace_devices(w: Worker) -> None:
+def _trace_devices(w: Worker, trace: Path) -> None:
     """Where this rank's parameters, batches and validation ran (tests on GPU machines read it)."""
-    (Path(w.config["trace_dir"]) / f"rank{w.rank}-devices.json").write_text(json.dumps({
+    (trace / f"rank{w.rank}-devices.json").write_text(json.dumps({
         "decided": str(w.device), "batches": sorted(w.batch_devices), "validation": w.validation_device,
         "parameters": sorted({str(p.device) for p in w.module.parameters()})}))

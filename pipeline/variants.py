@@ -5,7 +5,7 @@ One list, used by the demo, the ablation, run tags and the CLI alike.
 
 from __future__ import annotations
 
-from pipeline.config import Config
+from pipeline.config import Config, with_values
 
 VARIANTS: dict[str, tuple[bool, bool]] = {
     "baseline": (False, False),
@@ -21,11 +21,7 @@ def with_variant(cfg: Config, variant: str) -> Config:
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
     attention, adversary = VARIANTS[variant]
-    model = cfg.model.model_copy(update={
-        "attention": cfg.model.attention.model_copy(update={"enabled": attention}),
-        "adversary": cfg.model.adversary.model_copy(update={"enabled": adversary}),
-    })
-    return cfg.model_copy(update={"model": model})
+    return with_values(cfg, {"model.attention.enabled": attention, "model.adversary.enabled": adversary})
 
 
 def variant_of(cfg: Config) -> str:

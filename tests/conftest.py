@@ -206,7 +206,7 @@ def tiny_cfg(tmp_path: Path, tiny_shards: Path) -> Config:
 def _ray_runtime():
     import ray
 
-    from pipeline.launch import init_ray
+    from pipeline.console import init_ray
 
     before = dict(os.environ)
     init_ray()
@@ -218,7 +218,7 @@ def _ray_runtime():
 @pytest.fixture()
 def shared_ray(_ray_runtime) -> None:
     """The session's Ray runtime (started again if a test before this one shut it down)."""
-    from pipeline.launch import init_ray
+    from pipeline.console import init_ray
 
     init_ray()
 

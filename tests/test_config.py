@@ -102,11 +102,19 @@ def test_every_shipped_config_validates(path, monkeypatch):
 
 
 def test_registries_are_the_one_list_of_names():
+    from pipeline import names
     from pipeline.data.sources import SOURCES
+    from pipeline.evaluation.metrics import ENGINES
+    from pipeline.model.adversary import MODES
     from pipeline.model.attention import KINDS
     from pipeline.model.backbone import BACKBONES
     from pipeline.objectives import LOSSES
+    from pipeline.runtime import DEVICES
 
+    # each implementation's registry holds exactly the names the config checks against
+    assert (list(SOURCES), list(BACKBONES), list(LOSSES), list(KINDS), MODES, DEVICES, ENGINES) == (
+        list(names.SOURCES), list(names.BACKBONES), list(names.LOSSES), list(names.ATTENTION_KINDS),
+        names.ADVERSARY_MODES, names.DEVICES, names.ENGINES)
     for key, registry in (("data.source", SOURCES), ("model.backbone", BACKBONES), ("loss.name", LOSSES),
                           ("model.attention.kind", KINDS)):
         for name in registry:

@@ -76,15 +76,15 @@ def test_lost_workers_restart_then_give_up_in_one_line_and_the_rerun_resumes_exa
 
     from pipeline import launch
     from pipeline.errors import TrainingFailed
+    from pipeline.train import Hooks
     from tests.test_train import check_mlflow, check_two_rank_trace
 
     real_fit = launch.fit
 
-    def traced_fit(cfg, tracker, name, local, progress=True, extra=None, callbacks=None):
+    def traced_fit(cfg, tracker, name, local, progress=True, hooks=None, epoch_gate=None, callbacks=None):
         trace = tmp_path / f"trace-{name}"
         trace.mkdir(exist_ok=True)
-        return real_fit(cfg, tracker, name, local, progress, extra={**(extra or {}), "trace_dir": str(trace)},
-                        callbacks=callbacks)
+        return real_fit(cfg, tracker, name, local, progress, Hooks(trace_dir=str(trace)), epoch_gate, callbacks)
 
     monkeypatch.setattr(launch, "fit", traced_fit)
     base = config_mod.with_values(tiny_cfg, {"train.epochs": 5, "train.workers": 2, "train.max_failures": 1,

@@ -17,11 +17,12 @@ def _traced_run(tiny_cfg, tmp_path, monkeypatch, local: bool):
 
     trace = tmp_path / ("trace-local" if local else "trace-ray")
     trace.mkdir()
+    from pipeline.train import Hooks
+
     real_fit = launch.fit
 
-    def traced_fit(cfg, tracker, name, local, progress=True, extra=None, callbacks=None):
-        return real_fit(cfg, tracker, name, local, progress, extra={**(extra or {}), "trace_dir": str(trace)},
-                        callbacks=callbacks)
+    def traced_fit(cfg, tracker, name, local, progress=True, hooks=None, epoch_gate=None, callbacks=None):
+        return real_fit(cfg, tracker, name, local, progress, Hooks(trace_dir=str(trace)), epoch_gate, callbacks)
 
     monkeypatch.setattr(launch, "fit", traced_fit)
     train = tiny_cfg.train.model_copy(update={"workers": 1, "epochs": 1, "val_fraction": 0.25,

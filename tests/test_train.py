@@ -85,12 +85,13 @@ def test_training_learns_its_batches_and_fit_hands_back_the_last_epoch(tiny_cfg)
     from pipeline import config as config_mod
     from pipeline.launch import fit
     from pipeline.tracking import Tracker
+    from pipeline.train import Hooks
 
     cfg = config_mod.with_values(tiny_cfg, {"train.epochs": 8, "train.lr": 3e-3, "train.lr_heads": 3e-3,
                                             "model.adversary.enabled": False, "eval.gap_images": 0})
     with Tracker.start(cfg.tracking.uri, "tests", "learns") as tracker:
         checkpoint, history = fit(cfg, tracker, "learns", local=True, progress=False,
-                                  extra={"synthetic_batches": 2})
+                                  hooks=Hooks(synthetic_batches=2))
     assert checkpoint and len(history) == 1
     assert history[0]["epoch"] == 8 and history[0]["steps"] == 2 and history[0]["epoch_seconds"] > 0
     losses = [m.value for m in sorted(MlflowClient(cfg.tracking.uri).get_metric_history(tracker.run_id, "loss_dml"),

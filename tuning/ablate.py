@@ -16,33 +16,32 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import config as config_mod
 from pipeline import tracking
 from pipeline.config import Config
 from pipeline.variants import VARIANTS, slug, with_variant
+from tuning import trials
 
 REPORTED = ("recall_at_1", "map_at_r", "nmi")
 
 
 def variant_config(cfg: Config, variant: str, loss: str, seed: int) -> Config:
     cfg = with_variant(cfg, variant)
-    return cfg.model_copy(update={
-        "loss": cfg.loss.model_copy(update={"name": loss, "params": cfg.loss.params if loss == cfg.loss.name else {}}),
-        "train": cfg.train.model_copy(update={"seed": seed}),
-    })
+    return config_mod.with_values(cfg, {"loss.name": loss, "loss.params": cfg.loss.params if loss == cfg.loss.name
+                                        else {}, "train.seed": seed})
 
 
-def _run_one(params: dict[str, Any]) -> None:
+def _run_one(params: dict[str, Any], ctx: trials.TrialContext) -> None:
     """A Tune trial: one training (a TorchTrainer with ``train.workers`` workers) + its test evaluation.
 
     Results go to the trial's MLflow child run, where ``run`` collects them.
     """
     from pipeline.launch import train_and_evaluate
 
-    ctx = params["__gdml"]
-    cfg = variant_config(Config.model_validate(ctx["base"]), params["variant"], params["loss"], params["seed"])
-    name = f"{ctx['name']}-{slug(params['variant'])}-{params['loss']}-s{params['seed']}"
+    cfg = variant_config(ctx.base, params["variant"], params["loss"], params["seed"])
+    name = f"{ctx.name}-{slug(params['variant'])}-{params['loss']}-s{params['seed']}"
     train_and_evaluate(cfg, local=False, name=name, progress=False, plots=False,
-                       tags={"mlflow.parentRunId": ctx["parent"], "gdml.ablation": ctx["name"], "mode": "ablation",
+                       tags={"mlflow.parentRunId": ctx.parent, "gdml.ablation": ctx.name, "mode": "ablation",
                              "ablation.variant": params["variant"], "ablation.loss": params["loss"],
                              "ablation.seed": str(params["seed"])})
 
@@ -101,7 +100,8 @@ def run(cfg: Config, losses: list[str], seeds: list[int], progress: bool = True,
         variants: list[str] | None = None) -> dict[str, Any]:
     from ray import tune
 
-    from pipeline.launch import check_config, init_ray, prepare, resolve_paths
+    from pipeline.console import init_ray
+    from pipeline.preflight import check_config, prepare, resolve_paths
 
     variants = list(variants or VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
@@ -121,15 +121,9 @@ def run(cfg: Config, losses: list[str], seeds: list[int], progress: bool = True,
                        "ablation.variants": variants})
     started = time.perf_counter()
     space = {"variant": tune.grid_search(variants), "loss": tune.grid_search(losses),
-             "seed": tune.grid_search(seeds), "__gdml": {"base": cfg.to_dict(), "parent": parent.run_id, "name": name}}
-    from tuning.sweep import TRIAL_RESOURCES, trial_plan
-
-    tuner = tune.Tuner(
-        tune.with_resources(_run_one, TRIAL_RESOURCES),
-        param_space=space,
-        tune_config=tune.TuneConfig(max_concurrent_trials=trial_plan(cfg)[1]),
-        run_config=tune.RunConfig(name=name, storage_path=cfg.train.storage_path, verbose=1 if progress else 0),
-    )
+             "seed": tune.grid_search(seeds)}
+    tuner = trials.tuner(_run_one, trials.TrialContext(cfg, uri, parent.run_id, name), space, progress,
+                         tune.TuneConfig(max_concurrent_trials=trials.trial_plan(cfg)[1]))
     with parent:
         results = tuner.fit()
         errors = [r.error for r in results if r.error]

@@ -29,6 +29,8 @@ from ray.train.v2.api.callback import UserCallback
 from pipeline import config as config_mod
 from pipeline import tracking
 from pipeline.config import Config, ConfigError
+from tuning import trials
+from tuning.trials import TrialContext
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> tuple[Swe
     if base.train.val_fraction <= 0 and base.tune.folds == 1:
         raise ConfigError("train.val_fraction: a sweep chooses on held-out training classes; set it above 0 "
                           "(e.g. 0.2) in the sweep's 'set', or tune.folds to k > 1 for k-fold validation")
-    from pipeline.launch import check_model, resolve_paths
+    from pipeline.preflight import check_model, resolve_paths
 
     flat = base.flat()
     for key, param in spec.search.space.items():
@@ -149,20 +151,19 @@ def trial_config(base: Config, params: dict[str, Any]) -> Config:
     return config_mod.with_values(base, params)
 
 
-def _trial(params: dict[str, Any]) -> None:
+def _trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """One Tune trial: a TorchTrainer (k of them with ``tune.folds``) whose per-epoch reports Tune sees."""
     from ray import tune
 
     from pipeline.variants import variant_of
 
-    ctx = params.pop("__gdml")
-    cfg = trial_config(Config.model_validate(ctx["base"]), params)
-    name = f"{ctx['sweep']}-{tune.get_context().get_trial_id()}"
-    with tracking.Tracker.open(ctx["uri"], cfg.tracking.experiment, name,
-                               tags={"mlflow.parentRunId": ctx["parent"], "variant": variant_of(cfg),
-                                     "gdml.sweep": ctx["sweep"], "mode": "tune-trial"}) as tracker:
+    cfg = trial_config(ctx.base, params)
+    name = f"{ctx.name}-{tune.get_context().get_trial_id()}"
+    with tracking.Tracker.open(ctx.uri, cfg.tracking.experiment, name,
+                               tags={"mlflow.parentRunId": ctx.parent, "variant": variant_of(cfg),
+                                     "gdml.sweep": ctx.name, "mode": "tune-trial"}) as tracker:
         tracker.log_params({**cfg.flat(), **{f"trial.{k}": v for k, v in params.items()}})
-        if ctx["in_sequence"]:
+        if ctx.in_sequence:
             _folds_in_sequence(cfg, tracker, name, ctx)
         else:
             _paced_trainings(cfg, tracker, name, ctx)
@@ -176,22 +177,22 @@ def fold_summary(scores: list[float]) -> tuple[float, float]:
     return mean, (var / k) ** 0.5
 
 
-def _start(cfg: Config, tracker: tracking.Tracker, name: str, ctx: dict[str, Any], fold: int | None,
-           callbacks: list, extra: dict[str, Any] | None = None) -> list[dict]:
+def _start(cfg: Config, tracker: tracking.Tracker, name: str, ctx: TrialContext, fold: int | None,
+           callbacks: list, epoch_gate: Any = None) -> list[dict]:
     """One training of a trial (``fold``: None for the trial itself, else that fold under its own MLflow run
     inside the trial's); returns its per-epoch reports."""
     from pipeline.launch import fit
 
     if fold is None:
-        return fit(cfg, tracker, name, local=False, progress=False, callbacks=callbacks, extra=extra)[1]
+        return fit(cfg, tracker, name, local=False, progress=False, callbacks=callbacks, epoch_gate=epoch_gate)[1]
     fold_cfg = config_mod.with_values(cfg, {"tune.fold": fold})
     fold_name = f"{name}-fold{fold}"
     with tracking.Tracker.open(tracker.uri, cfg.tracking.experiment, fold_name,
                                tags={"mlflow.parentRunId": tracker.run_id or "", "mode": "tune-fold",
-                                     "gdml.sweep": ctx["sweep"]}) as fold_tracker:
+                                     "gdml.sweep": ctx.name}) as fold_tracker:
         fold_tracker.log_params(fold_cfg.flat())
         return fit(fold_cfg, fold_tracker, fold_name, local=False, progress=False, callbacks=callbacks,
-                   extra=extra)[1]
+                   epoch_gate=epoch_gate)[1]
 
 
 def _report_folds(tracker: tracking.Tracker, metric: str, step: int, scores: list[float],
@@ -206,18 +207,18 @@ def _report_folds(tracker: tracking.Tracker, metric: str, step: int, scores: lis
     tune.report({**out, **extra})
 
 
-def _folds_in_sequence(cfg: Config, tracker: tracking.Tracker, name: str, ctx: dict[str, Any]) -> None:
+def _folds_in_sequence(cfg: Config, tracker: tracking.Tracker, name: str, ctx: TrialContext) -> None:
     """The cluster holds one training of the trial at a time: its k folds one after another, a report after
     each with the mean over the folds done so far, so that ASHA can stop a weak trial after its first fold
     instead of training all k (a fold starts only once Tune has accepted the report before it)."""
-    metric, scores = ctx["metric"], []
+    metric, scores = ctx.metric, []
     for fold in range(cfg.tune.folds):
         history = _start(cfg, tracker, name, ctx, fold, [])
         scores.append(float(history[-1][metric]))
         _report_folds(tracker, metric, fold + 1, scores, {"folds_done": fold + 1, "epoch": cfg.train.epochs})
 
 
-def _paced_trainings(cfg: Config, tracker: tracking.Tracker, name: str, ctx: dict[str, Any]) -> None:
+def _paced_trainings(cfg: Config, tracker: tracking.Tracker, name: str, ctx: TrialContext) -> None:
     """The trial's training (or its k fold trainings, side by side), paced by Tune: after epoch e of every
     training the trial reports (the training's own metrics; with folds the mean over folds, see
     ``_report_folds``), and epoch e + 1 starts only once Tune has accepted that report (``pipeline.pacing``),
@@ -230,15 +231,14 @@ def _paced_trainings(cfg: Config, tracker: tracking.Tracker, name: str, ctx: dic
 
     from pipeline.pacing import EpochGate
 
-    folds, metric, last = cfg.tune.folds, ctx["metric"], cfg.train.epochs
+    folds, metric, last = cfg.tune.folds, ctx.metric, cfg.train.epochs
     queue = Queue(actor_options={"num_cpus": 0})
     gate = EpochGate.remote()
     errors: dict[int, BaseException] = {}
 
     def one(fold: int) -> None:
         try:
-            _start(cfg, tracker, name, ctx, fold if folds > 1 else None, [EpochReport(queue, fold)],
-                   {"epoch_gate": gate})
+            _start(cfg, tracker, name, ctx, fold if folds > 1 else None, [EpochReport(queue, fold)], gate)
         except BaseException as err:  # noqa: BLE001 - handed to the trial's thread, which raises it
             errors[fold] = err
         finally:
@@ -282,63 +282,38 @@ class EpochReport(UserCallback):
         self.queue.put((self.fold, dict(metrics[0])))
 
 
-def _capacity(cfg: Config) -> tuple[int, float]:
-    """(what one training needs, what the cluster has) of the resource trials are limited by."""
-    import ray
-
-    res = ray.cluster_resources()
-    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and res.get("GPU", 0) > 0):
-        per_run, have = cfg.train.workers, res.get("GPU", 0)
-    else:
-        per_run, have = cfg.train.workers * cfg.train.cpus_per_worker, res.get("CPU", 1)
-    if have < per_run:
-        raise ConfigError(f"train.workers: a trial needs {per_run} of a resource the cluster has {have:g} of; "
-                          "lower train.workers or train.cpus_per_worker")
-    return per_run, have
-
-
-def trial_plan(cfg: Config, requested: int | None = None) -> tuple[bool, int]:
-    """(whether a trial's k > 1 fold trainings run one after another, how many trials run at once). Each training
-    needs train.workers x cpus_per_worker CPUs (or workers GPUs); a trial's folds run side by side when the
-    cluster holds all k at once, else in sequence; ``requested`` (search.max_concurrent) overrides the count."""
-    per_run, have = _capacity(cfg)
-    side_by_side = have >= per_run * cfg.tune.folds
-    in_sequence = cfg.tune.folds > 1 and not side_by_side
-    return in_sequence, requested or max(1, int(have // (per_run * (cfg.tune.folds if side_by_side else 1))))
-
-
-TRIAL_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
-"""What a trial's own process takes: it only drives; its TorchTrainer's workers take the CPUs (or GPUs), so
-the number of trials at once is capped by what their workers need (``trial_plan``), else every trial would
-start and wait."""
-
-
-def trial_context(base: Config, uri: str | None, parent_run_id: str, sweep_name: str, metric: str,
-                  in_sequence: bool) -> dict[str, Any]:
-    """What every trial of a sweep is handed beside its searched values (``__gdml`` in its config)."""
-    return {"base": base.to_dict(), "uri": uri, "parent": parent_run_id, "sweep": sweep_name, "metric": metric,
-            "in_sequence": in_sequence}
-
-
 def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
-    """Run the sweep; returns the best trial's params, its validation score, and the final test metrics."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    from pipeline.launch import RayConsole, init_ray, journal_dir, prepare, train_and_evaluate
+    """Run the sweep: plan it, run its trials, summarise them, then retrain the best configuration on all training
+    classes and test it once. Returns the summary (best params, its validation score, the test metrics)."""
+    from pipeline.console import RayConsole, init_ray
+    from pipeline.launch import journal_dir
+    from pipeline.preflight import prepare
 
     base, uri, _ = prepare(base, local=False)
     init_ray()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    sweep_name = f"{spec.name}-{stamp}"
+    sweep_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     RayConsole.for_run(journal_dir(base, sweep_name) / "ray.log", progress)
     parent = tracking.Tracker.open(uri, base.tracking.experiment, sweep_name, tags={"mode": "sweep"})
     parent.log_params({"sweep.metric": spec.search.metric, "sweep.algorithm": spec.search.algorithm,
                        "sweep.num_samples": spec.search.num_samples,
                        **{f"space.{k}": v.model_dump_json(exclude_none=True) for k, v in spec.search.space.items()}})
+    ctx, tune_config, max_t = plan(spec, base, uri, parent.run_id, sweep_name)
+    with parent:
+        results = trials.tuner(_trial, ctx, tune_space(spec), progress, tune_config).fit()
+        summary = summarise(spec, ctx, results, parent, max_t)
+        if spec.final:
+            summary.update(retrain_best(ctx, summary["best_params"], parent, progress))
+    return summary
+
+
+def plan(spec: SweepSpec, base: Config, uri: str | None, parent_run_id: str, sweep_name: str
+         ) -> tuple[trials.TrialContext, Any, int]:
+    """(the trials' context, Tune's config: search, ASHA, concurrency; ASHA's time axis max_t)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
     s = spec.search
-    in_sequence, at_once = trial_plan(base, s.max_concurrent)
-    search_alg = search_algorithm(s, base.train.seed, at_once)
+    in_sequence, at_once = trials.trial_plan(base, s.max_concurrent)
     # ASHA's time: epochs, or with folds in sequence, folds (it may stop a trial after its first fold)
     max_t = base.tune.folds if in_sequence else base.train.epochs
     scheduler = ASHAScheduler(max_t=max_t, grace_period=min(s.asha.grace_period, max_t),
@@ -348,45 +323,47 @@ def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
               + ("trained one after another (the cluster holds one at a time; ASHA on the running mean per fold)"
                  if in_sequence else "trained in parallel (ASHA on the mean over folds per epoch)"),
               flush=True)
-    space = {**tune_space(spec),
-             "__gdml": trial_context(base, uri, parent.run_id, sweep_name, s.metric, in_sequence)}
-    tuner = tune.Tuner(
-        tune.with_resources(_trial, TRIAL_RESOURCES),
-        param_space=space,
-        tune_config=tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
-                                    search_alg=search_alg),
-        run_config=tune.RunConfig(name=sweep_name, storage_path=base.train.storage_path, verbose=1 if progress else 0),
-    )
-    with parent:
-        results = tuner.fit()
-        best = results.get_best_result(metric=s.metric, mode=s.mode)
-        best_params = {k: v for k, v in best.config.items() if k != "__gdml"}
-        reports = sum(len(r.metrics_dataframe) for r in results if r.metrics_dataframe is not None)
-        # a report is a whole fold (folds in sequence), else an epoch of each of the trial's k >= 1 trainings
-        trial_epochs = reports * (base.train.epochs if in_sequence else base.tune.folds)
-        _close_children(uri, base.tracking.experiment, sweep_name, best.metrics.get("trial_id"),
-                        trial_outcomes(results, max_t))
-        trials = trial_table(results, s.metric, base.tune.folds)
-        summary: dict[str, Any] = {"sweep": sweep_name, "parent_run_id": parent.run_id, "best_params": best_params,
-                                   f"best_{s.metric}": best.metrics[s.metric],
-                                   f"best_{s.metric}_se": best.metrics.get(f"{s.metric}_se"),
-                                   "folds": base.tune.folds, "trial_epochs": trial_epochs,
-                                   "trials": len(results), "table": trials}
-        parent.log_metrics({f"best/{s.metric}": best.metrics[s.metric], "trial_epochs": summary["trial_epochs"]})
-        parent.log_dict({"best_params": best_params, "trials": trials}, "sweep_results.yaml")
-        parent.log_text(format_table(trials, s.metric), "trials.txt")
-        if trials:
-            parent.log_figure(plot_trials(trials, s.metric, list(spec.search.space)), "plots/sweep_params.png")
-        if spec.final:
-            final_cfg = trial_config(base, {**best_params, "train.val_fraction": 0.0, "tune.folds": 1,
-                                            "tune.fold": 0})
-            final = train_and_evaluate(final_cfg, local=False, name=f"{sweep_name}-final", progress=progress,
-                                       tags={"mlflow.parentRunId": parent.run_id, "gdml.sweep": sweep_name,
-                                             "mode": "sweep-final"})
-            summary["test"] = final.metrics
-            summary["final_run_id"] = final.run_id
-            parent.log_metrics({f"final_test/{k}": v for k, v in final.metrics.items()})
+    ctx = trials.TrialContext(base, uri, parent_run_id, sweep_name, s.metric, in_sequence)
+    tune_config = tune.TuneConfig(metric=s.metric, mode=s.mode, num_samples=s.num_samples, scheduler=scheduler,
+                                  search_alg=search_algorithm(s, base.train.seed, at_once))
+    return ctx, tune_config, max_t
+
+
+def summarise(spec: SweepSpec, ctx: trials.TrialContext, results: Any, parent: tracking.Tracker, max_t: int
+              ) -> dict[str, Any]:
+    """The trials' table, the best trial, what they cost; logged to the parent run, each trial's run closed."""
+    s, base = spec.search, ctx.base
+    best = results.get_best_result(metric=s.metric, mode=s.mode)
+    reports = sum(len(r.metrics_dataframe) for r in results if r.metrics_dataframe is not None)
+    # a report is a whole fold (folds in sequence), else an epoch of each of the trial's k >= 1 trainings
+    trial_epochs = reports * (base.train.epochs if ctx.in_sequence else base.tune.folds)
+    _close_children(ctx.uri, base.tracking.experiment, ctx.name, best.metrics.get("trial_id"),
+                    trial_outcomes(results, max_t))
+    table = trial_table(results, s.metric, base.tune.folds)
+    summary: dict[str, Any] = {"sweep": ctx.name, "parent_run_id": parent.run_id, "best_params": dict(best.config),
+                               f"best_{s.metric}": best.metrics[s.metric],
+                               f"best_{s.metric}_se": best.metrics.get(f"{s.metric}_se"),
+                               "folds": base.tune.folds, "trial_epochs": trial_epochs, "trials": len(results),
+                               "table": table}
+    parent.log_metrics({f"best/{s.metric}": best.metrics[s.metric], "trial_epochs": trial_epochs})
+    parent.log_dict({"best_params": summary["best_params"], "trials": table}, "sweep_results.yaml")
+    parent.log_text(format_table(table, s.metric), "trials.txt")
+    if table:
+        parent.log_figure(plot_trials(table, s.metric, list(spec.search.space)), "plots/sweep_params.png")
     return summary
+
+
+def retrain_best(ctx: trials.TrialContext, best_params: dict[str, Any], parent: tracking.Tracker, progress: bool
+                 ) -> dict[str, Any]:
+    """The best configuration trained on all training classes, tested once on the unseen classes."""
+    from pipeline.launch import train_and_evaluate
+
+    final_cfg = trial_config(ctx.base, {**best_params, "train.val_fraction": 0.0, "tune.folds": 1, "tune.fold": 0})
+    final = train_and_evaluate(final_cfg, local=False, name=f"{ctx.name}-final", progress=progress,
+                               tags={"mlflow.parentRunId": parent.run_id, "gdml.sweep": ctx.name,
+                                     "mode": "sweep-final"})
+    parent.log_metrics({f"final_test/{k}": v for k, v in final.metrics.items()})
+    return {"test": final.metrics, "final_run_id": final.run_id}
 
 
 def trial_table(results: Any, metric: str, folds: int) -> list[dict[str, Any]]:
@@ -395,7 +372,7 @@ def trial_table(results: Any, metric: str, folds: int) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         m = r.metrics or {}
-        row = {"params": {k: v for k, v in r.config.items() if k != "__gdml"}, metric: m.get(metric),
+        row = {"params": dict(r.config), metric: m.get(metric),
                "se": m.get(f"{metric}_se"), "epochs": m.get("epoch")}
         if "folds_done" in m:
             row["folds_done"] = m["folds_done"]

@@ -1,12 +1,18 @@
 """Zero-shot retrieval metrics on unseen classes: Recall@K, NMI, MAP@R, R-Precision, Precision@1.
 
 Protocols: every test image queries all *other* test images (CUB, Cars196, SOP, the emoji set), or
-queries query a separate gallery (In-Shop). Search is exact, by one of two engines that give the same
-numbers: ``ranks`` (the exact rank of every relevant item in one fused pass, ``evaluation.ranks``) or
-``knn`` (k-nearest-neighbour lists from FAISS, ``evaluation.knn``). Metrics are computed once, in one process,
-and returned as one flat dict with stable keys (``recall_at_1``, ``map_at_r``, ``r_precision``,
-``precision_at_1``, ``nmi``; MLflow allows no '@' in names) that the CLI, MLflow, Tune and the tests share;
-``ordered`` is the one order they are shown in.
+queries query a separate gallery (In-Shop). Search is exact, by one of two engines that find the ranks of each
+query's relevant items: ``ranks`` (every relevant item's exact rank in one fused pass, ``evaluation.ranks``) or
+``knn`` (k-nearest-neighbour lists from FAISS, ``evaluation.knn``, turned into the same ranks). Every metric is
+then computed from those ranks by one function (``evaluation.ranks.metrics_from_ranks``): a new metric is written
+once. Metrics are computed once, in one process, and returned as one flat dict with stable keys (``recall_at_1``,
+``map_at_r``, ``r_precision``, ``precision_at_1``, ``nmi``; MLflow allows no '@' in names) that the CLI, MLflow,
+Tune and the tests share; ``ordered`` is the one order they are shown in.
+
+Ties: both engines rank equal scores by the lower index. The k-NN engine sees only the k items FAISS returns:
+where several items tie for the k-th place, FAISS chooses which it keeps, so on exactly tied scores (duplicated
+rows, points on a coarse grid) its Recall@K, R-Precision and MAP@R can differ from the rank engines' in the last
+digits. The rank engines are the reference (``auto`` picks them).
 """
 
 from __future__ import annotations
@@ -18,13 +24,11 @@ import numpy as np
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
+from pipeline import names
 from pipeline.evaluation.knn import knn
+from pipeline.evaluation.ranks import metrics_from_ranks
 
 log = logging.getLogger(__name__)
-
-
-def _relevant(neighbors: np.ndarray, query_labels: np.ndarray, ref_labels: np.ndarray) -> np.ndarray:
-    return ref_labels[neighbors] == query_labels[:, None]
 
 
 def relevant_counts(query_labels: np.ndarray, ref_labels: np.ndarray, self_search: bool) -> np.ndarray:
@@ -36,28 +40,19 @@ def relevant_counts(query_labels: np.ndarray, ref_labels: np.ndarray, self_searc
     return r - 1 if self_search else r
 
 
-def recall_at_k(hits: np.ndarray, ks: Iterable[int]) -> dict[str, float]:
-    """Share of queries with a relevant item among their first K neighbours (every query counts)."""
-    return {f"recall_at_{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
-
-
-def map_at_r(hits: np.ndarray, r: np.ndarray) -> dict[str, float]:
-    """MAP@R, R-Precision and Precision@1 ("A Metric Learning Reality Check"), over queries with R > 0."""
-    valid = r > 0
-    if not valid.any():
-        return {"map_at_r": float("nan"), "r_precision": float("nan"), "precision_at_1": float("nan")}
-    max_r = int(r.max())
-    if hits.shape[1] < max_r:
-        raise ValueError(f"MAP@R needs {max_r} neighbours per query, got {hits.shape[1]}")
-    h = hits[valid, :max_r].astype(np.float64)
-    rv = r[valid]
-    h *= np.arange(max_r)[None, :] < rv[:, None]
-    precision_at_i = np.cumsum(h, axis=1) / np.arange(1, max_r + 1)[None, :]
-    return {
-        "map_at_r": float(((precision_at_i * h).sum(axis=1) / rv).mean()),
-        "r_precision": float((h.sum(axis=1) / rv).mean()),
-        "precision_at_1": float(h[:, 0].mean()),
-    }
+def ranks_from_neighbours(neighbors: np.ndarray, query_labels: np.ndarray, ref_labels: np.ndarray,
+                          r: np.ndarray) -> np.ndarray:
+    """The k-NN engine's answer in the rank engines' form (``evaluation.ranks``): ``ranks[i, j]``, the 1-based rank
+    of query i's j-th relevant item among its k neighbours, k + 1 for one beyond them (k covers every K and R, so
+    that is beyond every threshold a metric asks about)."""
+    hits = ref_labels[neighbors] == query_labels[:, None]
+    n, k = hits.shape
+    ranks = np.full((n, max(int(r.max(initial=0)), 1)), k + 1, dtype=np.int64)
+    rows, cols = np.nonzero(hits)
+    nth = (np.cumsum(hits, axis=1) - 1)[rows, cols]
+    keep = nth < ranks.shape[1]
+    ranks[rows[keep], nth[keep]] = cols[keep] + 1
+    return ranks
 
 
 def kmeans_seeds(n: int, k: int, seed: int = 0) -> np.ndarray:
@@ -74,7 +69,7 @@ def spherical_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0,
     FAISS cannot run there). ``faiss.Kmeans`` runs the same iterations
     but keeps no assignment, so it costs one more full search at the end (15% of SOP's evaluation time).
     An emptied cluster takes over half of the largest one, as in FAISS. ``first``: the first assignment (each
-    row's nearest seed), when it is already known (``pipeline.ranks`` finds it in its pass).
+    row's nearest seed), when it is already known (``evaluation.ranks`` finds it in its pass).
     """
     from scipy import sparse
 
@@ -122,7 +117,7 @@ def neighbours_needed(query_labels: np.ndarray, ref_labels: np.ndarray | None, r
     return max(max(recall_at), int(r.max()))
 
 
-ENGINES = ("auto", "ranks", "knn")
+ENGINES = names.ENGINES
 """How the metrics search (``eval.engine``); ``auto`` picks one (``select_engine``)."""
 
 
@@ -141,8 +136,8 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, recall_at: Ite
 
     Without a gallery every row queries all *other* rows (the standard protocol); with one (In-Shop), every
     row queries the gallery. NMI clusters the query embeddings (``with_nmi``). Both engines, on every device, give
-    the same numbers (``select_engine``). ``per_query``: (metrics, per-query values: ``first`` rank of a relevant
-    item, ``ap_at_r``, ``r_precision``).
+    the same numbers (``select_engine``; on exactly tied scores see the module's note). ``per_query``: (metrics,
+    per-query values: ``first`` rank of a relevant item, ``ap_at_r``, ``r_precision``).
     """
     ks = sorted(set(recall_at))
     labels = np.asarray(labels)
@@ -151,14 +146,13 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, recall_at: Ite
     gpu = torch.device(device).type != "cpu"
     first = None  # k-means' first assignment, where the CPU rank pass finds it
     if select_engine(engine) == "ranks" and gpu:
-        from pipeline.evaluation.ranks import metrics_from_ranks
         from pipeline.evaluation.ranks_torch import relevant_ranks_torch
 
         ranks, r = relevant_ranks_torch(embeddings, labels, gallery, ref_labels if gallery is not None else None,
                                         device=device, progress=progress)
         out, queries = metrics_from_ranks(ranks, r, ks, per_query=True)
     elif select_engine(engine) == "ranks":
-        from pipeline.evaluation.ranks import metrics_from_ranks, relevant_ranks
+        from pipeline.evaluation.ranks import relevant_ranks
 
         if self_search and with_nmi:  # the pass also finds k-means' first assignment (nearest seed row)
             ranks, r, first = relevant_ranks(embeddings, labels, progress=progress, max_rank=ks[-1],
@@ -169,25 +163,12 @@ def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, recall_at: Ite
     else:
         neighbors = knn(embeddings, neighbours_needed(labels, None if self_search else ref_labels, ks), gallery,
                         device=device, backend=knn_backend)
-        hits = _relevant(neighbors, labels, ref_labels)
         r = relevant_counts(labels, ref_labels, self_search)
-        out = recall_at_k(hits, ks)
-        out.update(map_at_r(hits, r))
-        queries = per_query_from_hits(hits, r)
+        out, queries = metrics_from_ranks(ranks_from_neighbours(neighbors, labels, ref_labels, r), r, ks,
+                                          per_query=True)
     if with_nmi:
         out["nmi"] = nmi(embeddings, labels, seed, first=first, device=device)
     return (out, queries) if per_query else out
-
-
-def per_query_from_hits(hits: np.ndarray, r: np.ndarray) -> dict[str, np.ndarray]:
-    """The per-query values of ``per_query_from_ranks``, from k-NN hit lists (k at least max(R, 1))."""
-    first = np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, np.iinfo(np.int64).max)
-    width = max(int(r.max(initial=0)), 1)
-    h = hits[:, :width].astype(np.float64) * (np.arange(width)[None, :] < r[:, None])
-    precision = np.cumsum(h, axis=1) / np.arange(1, width + 1)[None, :]
-    safe = np.maximum(r, 1)
-    ap = np.where(r > 0, (precision * h).sum(axis=1) / safe, np.nan)
-    return {"first": first, "ap_at_r": ap, "r_precision": np.where(r > 0, h.sum(axis=1) / safe, np.nan)}
 
 
 _ORDER = ("recall_at_", "map_at_r", "r_precision", "precision_at_1", "nmi")

@@ -1,6 +1,9 @@
-"""Figures of an evaluation: Recall@K curve, retrieval grid, 2-D projection of the embeddings."""
+"""Figures of an evaluation (Recall@K curve, retrieval grid, 2-D projection of the embeddings) and of a run's
+epochs, drawn from its MLflow history."""
 
 from __future__ import annotations
+
+import logging
 
 import matplotlib
 
@@ -117,3 +120,31 @@ def epoch_curves(history: dict[str, list[tuple[int, float]]], panels: list[tuple
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def log_training_curves(tracker: "Tracker") -> None:  # noqa: F821 - pipeline.tracking.Tracker
+    """Per-epoch figures from the run's MLflow history: the generalisation gap and the adversary's state."""
+    if not tracker.enabled:
+        return
+    keys = ["gap/seen_recall_at_1", "gap/unseen_recall_at_1", "gap/seen_map_at_r", "gap/unseen_map_at_r",
+            "adv_acc", "adv_chance", "adv_lambda", "adv_grad_ratio"]
+    try:
+        history = {k: [(m.step, m.value) for m in sorted(tracker.client.get_metric_history(tracker.run_id, k),
+                                                          key=lambda m: m.step)] for k in keys}
+    except Exception as err:  # noqa: BLE001 - the curves are drawn from MLflow's history; without it, none
+        logging.getLogger(__name__).warning("per-epoch figures left out: MLflow's history is not readable (%s)",
+                                            type(err).__name__)
+        return
+    figures = []
+    if history["gap/seen_recall_at_1"]:
+        figures.append(("generalisation_gap", epoch_curves(
+            history, [("Recall@1", keys[0:2]), ("MAP@R", keys[2:4])],
+            "seen classes vs held-out classes, per epoch (the gap is their difference)")))
+    if history["adv_acc"]:
+        figures.append(("adversary", epoch_curves(
+            history, [("head accuracy on training classes", ["adv_acc", "adv_chance"]), ("lambda", ["adv_lambda"]),
+                      ("|reversed gradient| / |metric-loss gradient|", ["adv_grad_ratio"])],
+            "the class adversary, per epoch")))
+    for name, fig in figures:
+        tracker.log_figure(fig, f"plots/{name}.png")
+        plt.close(fig)

@@ -6,7 +6,7 @@ R-Precision need the ranks of the R relevant items that rank <= R. So instead of
 (FAISS keeps a k-heap per query: k = 1000 for SOP's Recall@1000 doubles the search time), one pass counts,
 for each relevant item p of query i, the items that rank ahead of it.
 
-Exact, with ties broken by the lower index (as ``pipeline.knn``):
+Exact, with ties broken by the lower index (as ``evaluation.knn``):
 
 - a similarity is the float64 dot product of the two float32 embeddings (each product is exact in float64;
   the sum runs in index order, so the same pair gives the same value wherever it is computed);

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-MODES = ("reversal", "confusion")
+from pipeline import names
+
+MODES = names.ADVERSARY_MODES
 
 
 class GradReverse(torch.autograd.Function):
@@ -56,6 +58,40 @@ def adversary_lambda(weight: float, schedule: str, progress: float, warmup_done_
             return 0.0
         return dann_ramp(weight, (progress - warmup_done_at) / max(1e-9, 1.0 - warmup_done_at))
     return dann_ramp(weight, progress)
+
+
+class Schedule:
+    """lambda over a run (``model.adversary``: weight, schedule, warmup_factor): ``lam(step)``, ``observe(accuracy,
+    step)`` after each step, and its state for checkpoints. The horizon (``ramp_steps``) is fixed when the run
+    starts and kept when it is resumed with more epochs (lambda then stays at its final value), so that resuming
+    never changes lambda for steps already planned."""
+
+    def __init__(self, cfg, num_classes: int, ramp_steps: int) -> None:  # noqa: ANN001 - config.AdversaryConfig
+        self.cfg, self.num_classes, self.ramp_steps = cfg, num_classes, ramp_steps
+        self.acc_ema: float | None = None
+        self.warmup_done_at: float | None = None
+        """warmup: the training progress at which the head rose above chance (None while it has not)."""
+
+    def lam(self, step: int) -> float:
+        if not self.cfg.enabled:
+            return 0.0
+        progress = step / max(1, self.ramp_steps - 1)
+        return adversary_lambda(self.cfg.weight, self.cfg.schedule, progress, self.warmup_done_at)
+
+    def observe(self, accuracy: float, step: int) -> None:
+        """warmup: a running mean of the head's accuracy (the same on every rank) against chance."""
+        if self.cfg.schedule != "warmup" or self.warmup_done_at is not None:
+            return
+        self.acc_ema = accuracy if self.acc_ema is None else 0.9 * self.acc_ema + 0.1 * accuracy
+        if self.acc_ema > self.cfg.warmup_factor / self.num_classes:
+            self.warmup_done_at = step / max(1, self.ramp_steps - 1)
+
+    def state_dict(self) -> dict:
+        return {"ramp_steps": self.ramp_steps, "adv_acc_ema": self.acc_ema, "warmup_done_at": self.warmup_done_at}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ramp_steps = int(state.get("ramp_steps", self.ramp_steps))
+        self.acc_ema, self.warmup_done_at = state.get("adv_acc_ema"), state.get("warmup_done_at")
 
 
 def confusion_loss(logits: torch.Tensor) -> torch.Tensor:

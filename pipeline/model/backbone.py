@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torchvision import models
 
+from pipeline import names
 from pipeline.model import bninception
 
 
@@ -158,7 +159,7 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 """The built-in backbones; ``timm/<model name>`` adds every timm model (``backbone_spec``)."""
 
-TIMM_PREFIX = "timm/"
+TIMM_PREFIX = names.TIMM_PREFIX
 
 
 def _timm_create(name: str, image_size: int, pretrained: str | None) -> nn.Module:

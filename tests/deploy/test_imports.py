@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import torch
 
-from pipeline.checkpoint import save_checkpoint
+from pipeline.checkpoint import TrainState, save_checkpoint
 from pipeline.config import Config
 from pipeline.evaluation.index import flat_index
 from pipeline.model.embedder import Embedder
@@ -24,8 +24,8 @@ def test_the_served_model_imports_neither_ray_nor_the_training_loop(tmp_path):
 
     cfg: Config = tiny_config(tmp_path)
     module = TrainModule(Embedder(cfg.model, 4, cfg.data.image_size), MetricLoss(cfg.loss, 4, cfg.model.embedding_size))
-    save_checkpoint(tmp_path / "ckpt", module, build_optimizer(module, cfg), torch.amp.GradScaler("cpu", enabled=False),
-                    cfg, 4, 1, 0, {})
+    state = TrainState(module, build_optimizer(module, cfg), torch.amp.GradScaler("cpu", enabled=False))
+    save_checkpoint(tmp_path / "ckpt", state, cfg, 4, {})
     gallery = np.eye(cfg.model.embedding_size, dtype=np.float32)[:3]
     faiss.write_index(flat_index(gallery), str(tmp_path / "gallery.index"))
     (tmp_path / "gallery.json").write_text(json.dumps({"labels": ["a", "b", "c"], "paths": ["x", "y", "z"]}))

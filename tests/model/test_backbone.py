@@ -130,13 +130,14 @@ def test_timm_weights_from_a_local_file_and_a_clear_error_for_unknown_models(tmp
     import timm
 
     from pipeline.config import ConfigError, load
+    from pipeline.preflight import check_model
 
     source = timm.create_model("test_resnet", num_classes=10)
     torch.save(source.state_dict(), tmp_path / "w.pth")
     net = Backbone("timm/test_resnet", ["layer2"], pretrained=str(tmp_path / "w.pth"), probe_size=32)
     loaded, saved = net.net.state_dict(), source.state_dict()
     assert all(torch.equal(loaded[k], saved[k]) for k in loaded) and len(loaded) == len(saved) - 2  # no classifier
-    with pytest.raises(ConfigError, match="'timm/not_a_model_xyz' is not a timm model"):
-        load(None, ["model.backbone=timm/not_a_model_xyz"])
+    with pytest.raises(ConfigError, match="model.backbone: 'timm/not_a_model_xyz' is not a timm model"):
+        check_model(load(None, ["model.backbone=timm/not_a_model_xyz"]))  # before any work, not in the config
     with pytest.raises(ConfigError, match=r"or timm/<model name>"):
         load(None, ["model.backbone=resnet17"])

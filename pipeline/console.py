@@ -1,0 +1,97 @@
+"""The driver's console and signals around Ray: one Ray per driver (``init_ray``), Ray's own log lines kept out of
+the console (``RayConsole``), SIGTERM handled as Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+_INTERRUPT_ON_SIGTERM = False
+
+
+def _terminate(signum: int, frame) -> None:  # noqa: ANN001 - signal handler signature
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM ends a run as Ctrl-C does (the MLflow run KILLED, Ray shut down). Ray's driver installs its own
+    handler when it starts (which aborts the process), so ``init_ray`` puts this one back."""
+    global _INTERRUPT_ON_SIGTERM
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+        _INTERRUPT_ON_SIGTERM = True
+
+
+class RayConsole:
+    """What reaches the console from Ray's processes: the workers' progress bars and gdml's own lines; Ray's own
+    lines (Train's per-report INFO records, the controller's core-worker messages, raylet notes) go to the run's
+    log file instead, whose path is printed once (outside a run they stay in Ray's own session logs only).
+    ``verbose`` (``gdml -v``) shows everything, as Ray would."""
+
+    verbose = False
+    log_path: Path | None = None
+    announced: set[str] = set()
+
+    @classmethod
+    def install(cls) -> None:
+        """Wrap the function the Ray driver prints forwarded worker lines with (looked up at each call)."""
+        import ray._private.worker as ray_worker
+        from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+        original = ray_worker.print_worker_logs
+        if getattr(original, "_gdml", False):
+            return
+
+        def route(data: dict, print_file: Any, ignore_prefix: bool = False) -> None:
+            lines = data.get("lines", [])
+            if cls.verbose:
+                return original(data, print_file, ignore_prefix)
+            shown = [line for line in lines if RAY_TQDM_MAGIC in line or "gdml:" in line]
+            hidden = [line for line in lines if line not in shown]
+            if hidden and cls.log_path is not None:
+                try:
+                    cls.log_path.parent.mkdir(parents=True, exist_ok=True)
+                    with cls.log_path.open("a") as f:
+                        f.writelines(f"({data.get('actor_name') or data.get('task_name') or ''} pid={data.get('pid')})"
+                                     f" {line}\n" for line in hidden)
+                except OSError:
+                    pass
+            if shown:
+                original({**data, "lines": shown}, print_file, ignore_prefix)
+
+        route._gdml = True
+        ray_worker.print_worker_logs = route
+
+    @staticmethod
+    def clear_bars() -> None:
+        """Forget the finished run's bars (Ray's bar manager would draw them again after every later line)."""
+        from ray.experimental import tqdm_ray
+
+        manager = tqdm_ray.instance()
+        with manager.lock:
+            manager.hide_bars()
+            manager.bar_groups.clear()
+            manager.in_hidden_state, manager.num_hides = False, 0
+
+    @classmethod
+    def for_run(cls, path: Path, progress: bool) -> None:
+        cls.log_path = path
+        if progress and not cls.verbose and str(path) not in cls.announced:
+            cls.announced.add(str(path))
+            print(f"gdml: Ray's own log lines for this run go to {path} (gdml -v shows them here)", flush=True)
+
+
+def init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        if _INTERRUPT_ON_SIGTERM:
+            interrupt_on_sigterm()
+    RayConsole.install()
