@@ -211,7 +211,6 @@ def main() -> None:
     parser.add_argument("--skip-install", action="store_true", help="do not install the gpu extra")
     parser.add_argument("--quick", action="store_true", help="smaller data and fewer steps")
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
     if not environment():

@@ -4,7 +4,6 @@ the console (``RayConsole``), SIGTERM handled as Ctrl-C."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +89,8 @@ def init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Ray's own default is kept: token authentication on a new local Ray (its dashboard and Jobs API, which
+        # run code, refuse a client without the token); RAY_AUTH_MODE and RAY_AUTH_TOKEN set it for a cluster
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
         if _INTERRUPT_ON_SIGTERM:
             interrupt_on_sigterm()

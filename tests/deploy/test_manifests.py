@@ -29,4 +29,8 @@ def test_rayjob_manifest_has_the_required_fields_and_a_valid_entrypoint():
     spec_, base = sweep.load_spec(ROOT / args.config, args.overrides)
     assert base.train.device == "cuda" and base.train.storage_path.startswith("s3://")
     env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http")
+    assert env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http") and "RAY_AUTH_MODE" not in env["env_vars"]
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    for container in (head, workers):  # token authentication on every node, the token from a secret
+        auth = {e["name"]: e for e in container["env"]}
+        assert auth["RAY_AUTH_MODE"]["value"] == "token" and "secretKeyRef" in auth["RAY_AUTH_TOKEN"]["valueFrom"]
