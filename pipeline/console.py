@@ -1,11 +1,25 @@
-"""The driver's console and signals around Ray: one Ray per driver (``init_ray``), Ray's own log lines kept out of
-the console (``RayConsole``), SIGTERM handled as Ctrl-C."""
+"""The driver's console and signals around Ray: one Ray per driver (``init_ray``: it says which, and does not wait
+on a cluster that is gone), Ray's own log lines kept out of the console (``RayConsole``), SIGTERM handled as
+Ctrl-C."""
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from pathlib import Path
 from typing import Any
+
+from pipeline.errors import GdmlError
+
+JOIN_TIMEOUT = 10.0
+"""Seconds a cluster's address has to answer before gdml says it is gone (Ray itself would retry for minutes)."""
+
+
+class ClusterUnreachable(GdmlError):
+    """The Ray cluster gdml was told to join (``RAY_ADDRESS``, or the one ``ray start`` recorded) does not answer."""
+
+    exit_code = 2
 
 _INTERRUPT_ON_SIGTERM = False
 
@@ -85,10 +99,39 @@ class RayConsole:
             print(f"gdml: Ray's own log lines for this run go to {path} (gdml -v shows them here)", flush=True)
 
 
+def cluster_address() -> tuple[str | None, str]:
+    """(the Ray cluster that ``ray.init()`` would join, where that address comes from); None: a new local Ray."""
+    from ray._private.services import get_ray_address_from_environment
+
+    source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "the cluster `ray start` recorded on this machine"
+    return get_ray_address_from_environment(None, None), source
+
+
+def _answers(address: str, timeout: float) -> bool:
+    """Whether something listens at a ``host:port`` address (other forms, ``ray://`` or ``http://``, are Ray's)."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not port.isdigit():
+        return True
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
+        address, source = cluster_address()
+        if address is None:
+            print("gdml: Ray: a new local instance (no RAY_ADDRESS; no cluster recorded by `ray start`)", flush=True)
+        else:
+            print(f"gdml: Ray: joining the cluster at {address} ({source})", flush=True)
+            if not _answers(address, JOIN_TIMEOUT):
+                raise ClusterUnreachable(
+                    f"no Ray cluster answers at {address} ({source}) within {JOIN_TIMEOUT:.0f} s; if it is gone, "
+                    "`ray stop` clears the recorded address (or unset RAY_ADDRESS), or train with --local")
         # Ray's own default is kept: token authentication on a new local Ray (its dashboard and Jobs API, which
         # run code, refuse a client without the token); RAY_AUTH_MODE and RAY_AUTH_TOKEN set it for a cluster
         ray.init(logging_level=logging.WARNING, log_to_driver=True)

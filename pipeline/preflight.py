@@ -70,10 +70,14 @@ def check_config(cfg: Config, local: bool) -> None:
 
 def prepare(cfg: Config, local: bool) -> tuple[Config, str | None, dict[str, Any]]:
     """Everything before training, in the order that does no work before it is known to be worth it: config
-    checks, the tracking server, the data checks (on the shards, or on the plan of those to build), then the
-    shards. (resolved config, tracking URI or None, manifest)."""
+    checks, the Ray cluster (joined, or a local one started), the tracking server, the data checks (on the shards,
+    or on the plan of those to build), then the shards. (resolved config, tracking URI or None, manifest)."""
     cfg = resolve_paths(cfg)
     check_config(cfg, local)
+    if not local:
+        from pipeline.console import init_ray
+
+        init_ray()
     uri = open_tracking(cfg)
     check_data(cfg, shards.current_or_planned(cfg.data), 1 if local else cfg.train.workers)
     return cfg, uri, shards.ensure(cfg.data)

@@ -47,3 +47,22 @@ def test_a_ray_gdml_starts_refuses_a_client_without_the_token_and_trains_under_i
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {"without": 401, "with": 200, "epochs": [1]}
+
+
+def test_a_cluster_address_that_no_longer_answers_is_one_line_not_a_wait(tmp_path, tiny_cfg, monkeypatch, gdml,
+                                                                          no_shared_ray):
+    """``ray start`` recorded a cluster on this machine whose head is gone: gdml says which address, and the way
+    out, instead of waiting in Ray's retry loop; nothing was trained or logged."""
+    from tests.conftest import TINY, cli_args, free_port
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # where Ray looks for the recorded address: ray/ray_current_cluster
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
+    overrides = {**TINY, "data.root": tiny_cfg.data.root, "train.storage_path": str(tmp_path / "runs"),
+                 "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "train.workers": 1}
+    proc = gdml("train", *cli_args(overrides), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "gdml: Ray: joining the cluster at 127.0.0.1:" in proc.stdout
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("gdml: no Ray cluster answers at 127.0.0.1:") and "`ray stop`" in line and "--local" in line
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
