@@ -57,6 +57,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(cuda if isinstance(cuda, torch.Tensor) else cuda[0])
 
 
+def _lay_out_like_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Each parameter's optimiser state on its device and in its memory layout: ``load_state_dict`` moves the
+    state's device and dtype but keeps the saved strides, and a fused AdamW on a GPU needs the parameter's (a
+    checkpoint written on the CPU, or under another ``channels_last``, has others)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    moved = torch.empty_like(p, dtype=value.dtype)
+                    moved.copy_(value)
+                    optimizer.state[p][key] = moved
+
+
 class TrainState:
     """What a rank trains with and resumes from, saved and loaded whole (``state_dict`` / ``load_state_dict``): the
     module (embedder and the loss's own parameters), the optimiser, the gradient scaler, the adversary's schedule,
@@ -80,7 +93,9 @@ class TrainState:
         self.module.embedder.load_state_dict(state["model"])
         self.module.metric_loss.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        _lay_out_like_parameters(self.optimizer)
+        if state["scaler"] or not self.scaler.is_enabled():  # (a bf16 or float32 run's scaler state is empty: an
+            self.scaler.load_state_dict(state["scaler"])     # fp16 resume of it starts a fresh scale)
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", state.get("metrics", {}).get("skipped_steps", 0)))
         if self.schedule is not None:

@@ -84,7 +84,16 @@ def prepare(cfg: Config, local: bool) -> tuple[Config, str | None, dict[str, Any
 
 
 def check_device(cfg: Config, local: bool) -> None:
-    """``train.device=cuda`` needs a GPU: in this process (local mode) or in the Ray cluster."""
+    """``train.device=cuda`` needs a GPU: in this process (local mode) or in the Ray cluster. In local mode a GPU
+    that torch cannot use is an error too (``runtime.unusable_gpu``), never a silent CPU run."""
+    if local:
+        import torch
+
+        from pipeline.runtime import nvidia_devices, unusable_gpu
+
+        problem = unusable_gpu(cfg.train.device, torch.cuda.is_available(), 0, nvidia_devices())
+        if problem:
+            raise ConfigError(problem)
     if cfg.train.device != "cuda":
         return
     if local:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from pipeline import names
 from pipeline.config import ConfigError
+from pipeline.errors import GdmlError
 
 DEVICES = names.DEVICES
 
@@ -98,15 +100,49 @@ def choose(device: torch.device, caps: Capabilities, amp: str = "auto", channels
                    pin_memory=gpu, device_name=caps.name if gpu else "")
 
 
+class GpuUnusable(GdmlError):
+    """This process was given a GPU (by Ray), or the machine has one, that torch cannot use."""
+
+    exit_code = 2
+
+
+def unusable_gpu(requested: str, torch_cuda: bool, gpus_given: int, nvidia_devices: bool) -> str | None:
+    """Why a GPU that Ray gave this process (``gpus_given``) or that the machine has (``/dev/nvidia*``) cannot be
+    used (torch sees no CUDA), or None. Training on the CPU of a GPU machine is never silent: only
+    ``train.device=cpu`` asks for it."""
+    if requested == "cpu" or torch_cuda:
+        return None
+    if gpus_given:
+        where = f"Ray gave this worker {gpus_given} GPU(s)"
+    elif nvidia_devices:
+        where = "this machine has NVIDIA GPUs (/dev/nvidia*)"
+    else:
+        return None
+    return (f"train.device: {where}, but torch {torch.__version__} sees no CUDA device: most likely the NVIDIA "
+            f"driver is older than the CUDA {torch.version.cuda} build torch needs (update the driver), or set "
+            "train.device=cpu to train on the CPU")
+
+
+def nvidia_devices() -> bool:
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
 def worker_runtime(device: str, amp: str, channels_last: str, local: bool) -> Runtime:
     """The runtime of a training worker: Ray Train's device for it (when it runs under Ray Train), else the
-    decision for this process."""
+    decision for this process. A GPU it was given that torch cannot use stops it (``unusable_gpu``)."""
     caps = Capabilities.detect()
-    assigned = None
-    if not local and caps.cuda:
-        import ray.train.torch
+    assigned, given = None, 0
+    if not local:
+        import ray
 
-        assigned = ray.train.torch.get_device()
+        given = len(ray.get_gpu_ids())
+        if caps.cuda:
+            import ray.train.torch
+
+            assigned = ray.train.torch.get_device()
+    problem = unusable_gpu(device, caps.cuda, given, nvidia_devices())
+    if problem:
+        raise GpuUnusable(problem)
     return choose(decide_device(device, caps, assigned), caps, amp, channels_last)
 
 

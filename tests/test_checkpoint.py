@@ -70,3 +70,35 @@ def test_each_rank_gets_its_own_rng_back_and_a_checkpoint_from_a_bigger_gpu_node
         assert torch.equal(draw, torch.rand(2))
     _state(5).load_state_dict(saved, rank=0, world=3)  # another world size: the saved process's own state
     set_rng_state(saved["rng"])  # 8 CUDA states on a machine without CUDA: nothing to restore, no error
+
+
+def test_optimizer_state_takes_each_parameters_layout_and_a_scaler_from_another_precision_loads(tmp_path):
+    """A checkpoint written in channels_last resumes NCHW with the optimiser's moments laid out like the parameters
+    (a fused AdamW on a GPU needs it); fp16 <-> bf16/float32 scaler states load either way (an empty one, from a
+    run without loss scaling, leaves an fp16 resume a fresh scale)."""
+    saved = _state(0)
+    saved.module.to(memory_format=torch.channels_last)
+    loss_dml, loss_adv, _ = saved.module(torch.randn(12, 3, 32, 32), torch.tensor([0, 1, 2, 3] * 3), 0.5)
+    (loss_dml + loss_adv).backward()
+    saved.optimizer.step()
+    conv = [p for p in saved.module.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1][0]
+    assert not saved.optimizer.state[conv]["exp_avg"].is_contiguous()  # saved in channels_last
+    state = saved.state_dict()
+
+    fresh = _state(1)  # NCHW
+    fresh.load_state_dict(state)
+    for p in fresh.module.parameters():
+        for key, value in fresh.optimizer.state.get(p, {}).items():
+            if value.shape == p.shape:
+                assert value.stride() == p.stride(), key
+    fresh.optimizer.step()  # and it trains on
+
+    fp16 = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
+    for scaler_state, scaler, expected in (({}, fp16, 1024.0),  # a bf16 / float32 checkpoint resumed as fp16
+                                           ({"scale": 8.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                             "growth_interval": 2000, "_growth_tracker": 0}, fp16, 8.0),
+                                           ({"scale": 8.0}, torch.amp.GradScaler("cpu", enabled=False), None)):
+        target = _state(1)
+        target.scaler = scaler
+        target.load_state_dict({**state, "scaler": scaler_state})
+        assert (target.scaler.get_scale() if scaler.is_enabled() else None) == expected

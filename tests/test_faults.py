@@ -304,6 +304,25 @@ def test_one_device_decision(requested, caps, assigned, expected):
     assert str(decide_device(requested, caps, assigned)) == expected
 
 
+@pytest.mark.parametrize(("requested", "torch_cuda", "given", "devices", "unusable"), [
+    ("auto", False, 1, False, "Ray gave this worker 1 GPU(s)"),  # Ray (NVML) sees the GPU, torch does not
+    ("auto", False, 0, True, "this machine has NVIDIA GPUs"),  # local mode on such a machine
+    ("cuda", False, 2, True, "Ray gave this worker 2 GPU(s)"),
+    ("cpu", False, 1, True, None),  # asked for: the CPU of a GPU machine
+    ("auto", True, 1, True, None),  # torch can use it
+    ("auto", False, 0, False, None),  # a CPU machine
+])
+def test_a_gpu_torch_cannot_use_is_an_error_not_a_silent_cpu_run(requested, torch_cuda, given, devices, unusable):
+    from pipeline.runtime import unusable_gpu
+
+    problem = unusable_gpu(requested, torch_cuda, given, devices)
+    if unusable is None:
+        assert problem is None
+    else:
+        assert problem.startswith(f"train.device: {unusable}") and "driver is older than the CUDA" in problem
+        assert problem.endswith("or set train.device=cpu to train on the CPU") and "\n" not in problem
+
+
 def test_cuda_without_a_gpu_is_a_config_error():
     from pipeline.config import ConfigError
 
