@@ -12,7 +12,9 @@ On a machine with a CUDA GPU (and the project's environment, ``make setup``):
 5. exact metrics (Recall@1/10/100/1000, MAP@R, R-Precision, P@1) on 1,000,000 x 512 random embeddings on the
    GPU: seconds and peak GPU memory, and equality with the CPU engine on a 20,000-row subset.
 
-Without a CUDA device it prints the versions, says "no CUDA device" and exits 0.
+Without a CUDA device it prints the versions, says "no CUDA device" and exits 0; on a machine with NVIDIA GPUs
+that torch cannot use (a driver older than torch's CUDA build) it says so and exits 1. Any failed check (the GPU
+tests, a metric that differs from the CPU engine's, a check that raised or timed out) makes it exit 1.
 
     .venv/bin/python benchmarks/gpu_check.py [--skip-install] [--quick]
 """
@@ -32,9 +34,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from synthetic import photo_folder  # noqa: E402
 
+FAILED: list[str] = []
+"""The checks that failed: any makes the command exit 1."""
 
-def line(check: str, outcome: str) -> None:
+
+def line(check: str, outcome: str, failed: bool = False) -> None:
     print(f"{check:<28} {outcome}", flush=True)
+    if failed:
+        FAILED.append(check)
 
 
 def install_gpu_extra() -> None:
@@ -58,26 +65,40 @@ def install_gpu_extra() -> None:
 
 
 def environment() -> bool:
+    """Versions and the device; False where there is no GPU to check (an error where torch cannot use one)."""
     import torch
 
-    from pipeline.evaluation.index import faiss_distribution, faiss_gpu_problem
+    from pipeline.runtime import nvidia_devices, unusable_gpu
 
     cuda = torch.cuda.is_available()
     line("torch", f"{torch.__version__} (CUDA build {torch.version.cuda})")
-    line("device", torch.cuda.get_device_name() if cuda else "no CUDA device")
-    found = faiss_distribution()
-    line("faiss", f"{found[0]} {found[1]}" if found else "not installed (torch search everywhere)")
-    if cuda:
-        problem = faiss_gpu_problem()
-        line("faiss-gpu beside torch", "runs" if problem is None else f"does not run: {problem}")
+    problem = unusable_gpu("auto", cuda, 0, nvidia_devices())
+    line("device", torch.cuda.get_device_name() if cuda else problem or "no CUDA device", failed=bool(problem))
     return cuda
+
+
+def faiss_beside_torch() -> None:
+    """Which FAISS is installed, and whether faiss-gpu runs beside torch: asked in a fresh process, after the
+    install (a module imported before it would be the old one)."""
+    code = ("from pipeline.evaluation.index import faiss_distribution, faiss_gpu_problem; "
+            "found = faiss_distribution(); print(f'{found[0]} {found[1]}' if found else 'not installed'); "
+            "print(faiss_gpu_problem())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if proc.returncode != 0:
+        line("faiss", f"FAILED: {(proc.stderr.strip().splitlines() or ['?'])[-1][:200]}", failed=True)
+        return
+    found, problem = proc.stdout.strip().splitlines()[-2:]
+    line("faiss", found)
+    line("faiss-gpu beside torch", "runs" if problem == "None" else f"does not run: {problem} (torch search)")
 
 
 def gpu_tests() -> None:
     proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
                            "tests/test_gpu.py"], capture_output=True, text=True, cwd=ROOT, timeout=900)
     summary = (proc.stdout.strip().splitlines() or ["no output"])[-1]
-    line("pytest -m gpu", f"{'ok' if proc.returncode == 0 else 'FAILED'}: {summary}")
+    skipped = "skipped" in summary
+    line("pytest -m gpu", f"{'ok' if proc.returncode == 0 and not skipped else 'FAILED'}: {summary}",
+         failed=proc.returncode != 0 or skipped)  # a skip here is a CUDA that failed to initialise
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-2000:], sep="\n")
 
@@ -90,7 +111,7 @@ def throughput_config(data_root: Path, tmp: Path, loader_workers: int, steps: in
         "data.source=folder", f"data.path={tmp / 'photos'}", f"data.root={data_root}", "data.image_size=224",
         "data.train_fraction=0.8", "model.backbone=resnet50", "model.embedding_size=512",
         "model.attention.taps=[layer2,layer3]", "sampler.classes_per_batch=16", "sampler.images_per_class=4",
-        "sampler.batch_size=64", f"sampler.loader_workers={loader_workers}", "train.workers=1",
+        "sampler.batch_size=64", "sampler.epoch=images", f"sampler.loader_workers={loader_workers}", "train.workers=1",
         f"train.cpus_per_worker={max(1, min(os.cpu_count() or 1, loader_workers + 2))}", "train.epochs=2",
         f"train.max_steps_per_epoch={steps}", f"train.storage_path={tmp / 'ray'}", "tracking.required=false",
         "model.adversary.schedule=constant"]))
@@ -151,7 +172,7 @@ def training(tmp: Path, quick: bool) -> float:
 
     from pipeline.data import shards
 
-    classes, per_class = (20, 40) if quick else (60, 50)
+    classes, per_class = (20, 40) if quick else (60, 70)  # images epochs: 52 steps of 64 (steady state)
     started = time.perf_counter()
     photo_folder(tmp / "photos", classes, per_class, workers=min(16, os.cpu_count() or 1))
     line("photos", f"{classes * per_class} JPEGs of 500x375 in {time.perf_counter() - started:.0f} s")
@@ -202,35 +223,47 @@ def metrics(quick: bool) -> tuple[float, float]:
     cpu, r_cpu = relevant_ranks(emb[sub], labels[sub], max_rank=1000)
     gpu, r_gpu = relevant_ranks_torch(emb[sub], labels[sub], device="cuda")
     same = metrics_from_ranks(cpu, r_cpu, ks) == metrics_from_ranks(gpu, r_gpu, ks)
-    line("metrics GPU vs CPU (20,000)", "identical" if same else "DIFFER")
+    line("metrics GPU vs CPU (20,000)", "identical" if same else "DIFFER", failed=not same)
     return seconds, peak
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-install", action="store_true", help="do not install the gpu extra")
     parser.add_argument("--quick", action="store_true", help="smaller data and fewer steps")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
     if not environment():
-        line("gpu checks", "skipped: no CUDA device here (run make gpu-check on a machine with an NVIDIA GPU)")
+        if not FAILED:
+            line("gpu checks", "skipped: no CUDA device here (run make gpu-check on a machine with an NVIDIA GPU)")
         print("RESULT gpu_train_vs_model_only=n/a goal=>=0.9")
-        return
+        sys.exit(1 if FAILED else 0)
     if not args.skip_install:
         install_gpu_extra()
-    gpu_tests()
     tmp = Path(tempfile.mkdtemp(prefix="gdml-gpu-check-"))
     results = {}
-    for name, check in (("metrics", lambda: metrics(args.quick)), ("training", lambda: training(tmp, args.quick))):
+    for name, check in (("faiss", faiss_beside_torch), ("gpu tests", gpu_tests),
+                        ("metrics", lambda: metrics(args.quick)), ("training", lambda: training(tmp, args.quick))):
         try:
             results[name] = check()
-        except Exception as err:  # noqa: BLE001 - one failed check must not hide the others
-            line(name, f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
-    if "metrics" in results:
+        except Exception as err:  # noqa: BLE001 - one failed check (or its timeout) must not hide the others
+            line(name, f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}",
+                 failed=True)
+        finally:  # the next check gets the GPU's memory back
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
+    if results.get("metrics"):
         print(f"RESULT gpu_metrics_seconds={results['metrics'][0]:.1f} goal=<=120")
     ratio = results.get("training")
     print(f"RESULT gpu_train_vs_model_only={'n/a' if ratio is None else f'{ratio:.2f}'} goal=>=0.9")
+    if FAILED:
+        print(f"gpu-check: {len(FAILED)} check(s) failed: {', '.join(FAILED)}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
