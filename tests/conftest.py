@@ -302,7 +302,7 @@ _BEFORE = pytest.StashKey[dict]()
 
 def _staging() -> set[Path]:
     """gdml's staging folders in the suite's temporary folder and in the machine's."""
-    return {p for tmp in (SUITE_TMP, MACHINE_TMP) for p in tmp.glob(STAGING) if p != SUITE_TMP}
+    return {p for tmp in (SUITE_TMP, MACHINE_TMP) for p in tmp.glob(STAGING) if not p.name.startswith("gdml-suite-")}
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
