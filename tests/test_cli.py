@@ -87,3 +87,15 @@ def test_unreadable_test_images_are_counted_printed_and_over_the_limit_an_error(
         evaluate_checkpoint(result.checkpoint, strict, manifest, progress=False)
     assert load_checkpoint(result.checkpoint)["epoch"] == 2
     assert MlflowClient(result.tracking_uri).get_run(result.run_id).data.metrics["test/skipped_images"] == 0
+
+
+def test_version_and_help_speak_to_users(gdml):
+    from importlib.metadata import version
+
+    proc = gdml("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"gdml {version('gdml')}"
+    proc = gdml("--help")
+    assert proc.returncode == 0
+    description = proc.stdout.split("\n\n")[1]  # after the usage lines
+    assert description.startswith("gdml trains image embeddings that generalise to classes never seen")
+    assert "gdml demo" in proc.stdout and "Configuration reference" in proc.stdout
