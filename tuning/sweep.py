@@ -78,12 +78,21 @@ class SweepSpec(BaseModel):
     """Retrain the best configuration on all training classes and test it once."""
 
 
+SPEC_KEYS = ("search.", "final=", "name=")
+"""``--set`` overrides that address the sweep file itself (``search.num_samples=2``, ``final=false``); every other
+one addresses the base config of every trial."""
+
+
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepSpec, Config]:
-    """The sweep and its base config, every dotted name in the space checked against the config."""
+    """The sweep and its base config, every dotted name in the space checked against the config. ``overrides``
+    (``key=value``) set the sweep's own keys (``SPEC_KEYS``) or the base config's."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"sweep file {p} does not exist")
     raw = yaml.safe_load(p.read_text()) or {}
+    own = [o for o in overrides or [] if o.strip().startswith(SPEC_KEYS)]
+    overrides = [o for o in overrides or [] if o not in own]
+    config_mod.apply_overrides(raw, own)
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as err:

@@ -286,3 +286,13 @@ def test_set_values_keep_their_yaml_types(tmp_path, tiny_shards):
     _, base = sweep.load_spec(path)
     assert base.model.attention.taps is None and base.model.attention.kind == "cbam"
     assert base.train.val_fraction == 0.3 and base.data.root == str(tiny_shards)
+
+
+def test_set_reaches_the_sweeps_own_keys_as_well_as_the_base_configs(tmp_path, tiny_shards):
+    path = _write_sweep(tmp_path, tiny_shards)
+    spec, base = sweep.load_spec(path, ["search.num_samples=3", "search.asha.reduction_factor=2", "final=false",
+                                        "train.epochs=4"])
+    assert (spec.search.num_samples, spec.search.asha.reduction_factor, spec.final) == (3, 2.0, False)
+    assert base.train.epochs == 4
+    with pytest.raises(ConfigError, match="search.num_sample"):
+        sweep.load_spec(path, ["search.num_sample=3"])
