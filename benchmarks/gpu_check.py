@@ -241,6 +241,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1 if FAILED else 0)
     if not args.skip_install:
         install_gpu_extra()
+    import gc
+
+    import torch
+
     tmp = Path(tempfile.mkdtemp(prefix="gdml-gpu-check-"))
     results = {}
     for name, check in (("faiss", faiss_beside_torch), ("gpu tests", gpu_tests),
@@ -251,10 +255,6 @@ def main(argv: list[str] | None = None) -> None:
             line(name, f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}",
                  failed=True)
         finally:  # the next check gets the GPU's memory back
-            import gc
-
-            import torch
-
             gc.collect()
             torch.cuda.empty_cache()
     if results.get("metrics"):

@@ -87,19 +87,15 @@ def check_device(cfg: Config, local: bool) -> None:
     """``train.device=cuda`` needs a GPU: in this process (local mode) or in the Ray cluster. In local mode a GPU
     that torch cannot use is an error too (``runtime.unusable_gpu``), never a silent CPU run."""
     if local:
-        import torch
+        from pipeline.runtime import Capabilities, decide_device, nvidia_devices, unusable_gpu
 
-        from pipeline.runtime import nvidia_devices, unusable_gpu
-
-        problem = unusable_gpu(cfg.train.device, torch.cuda.is_available(), 0, nvidia_devices())
+        caps = Capabilities.detect()
+        problem = unusable_gpu(cfg.train.device, caps.cuda, 0, nvidia_devices())
         if problem:
             raise ConfigError(problem)
-    if cfg.train.device != "cuda":
+        decide_device(cfg.train.device, caps)  # cuda without a visible GPU: one line
         return
-    if local:
-        from pipeline.runtime import Capabilities, decide_device
-
-        decide_device("cuda", Capabilities.detect())
+    if cfg.train.device != "cuda":
         return
     import ray
 

@@ -119,7 +119,6 @@ class Worker:
     """Everything one rank trains with."""
 
     args: WorkerArgs
-    cfg: Config
     rank: int
     world: int
     run: Runtime
@@ -136,6 +135,10 @@ class Worker:
     batch_devices: set[str] | None = None
     """Devices the batches were moved to (traced runs only)."""
     validation_device: str | None = None
+
+    @property
+    def cfg(self) -> Config:
+        return self.args.cfg
 
     @property
     def module(self) -> TrainModule:
@@ -203,7 +206,7 @@ def setup_worker(args: WorkerArgs) -> Worker:
     scaler = torch.amp.GradScaler(run.device_type, enabled=run.grad_scaler)
     state = TrainState(module, build_optimizer(module, cfg), scaler,
                        Schedule(cfg.model.adversary, num_train_classes, ramp_steps=steps * cfg.train.epochs))
-    return Worker(args, cfg, rank, world, run, manifest, num_train_classes, val_classes, stream, loader, steps,
+    return Worker(args, rank, world, run, manifest, num_train_classes, val_classes, stream, loader, steps,
                   state, tracker, batch_devices=set() if args.hooks.trace_dir else None)
 
 

@@ -29,7 +29,6 @@ from pipeline import config as config_mod
 from pipeline import tracking
 from pipeline.config import Config, ConfigError
 from tuning import trials
-from tuning.trials import TrialContext
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +158,7 @@ def trial_config(base: Config, params: dict[str, Any]) -> Config:
     return config_mod.with_values(base, params)
 
 
-def _trial(params: dict[str, Any], ctx: TrialContext) -> None:
+def _trial(params: dict[str, Any], ctx: trials.TrialContext) -> None:
     """One Tune trial: a TorchTrainer (k of them with ``tune.folds``) whose per-epoch reports Tune sees."""
     from ray import tune
 
@@ -185,7 +184,7 @@ def fold_summary(scores: list[float]) -> tuple[float, float]:
     return mean, (var / k) ** 0.5
 
 
-def _start(cfg: Config, tracker: tracking.Tracker, name: str, ctx: TrialContext, fold: int | None,
+def _start(cfg: Config, tracker: tracking.Tracker, name: str, ctx: trials.TrialContext, fold: int | None,
            callbacks: list, epoch_gate: Any = None) -> list[dict]:
     """One training of a trial (``fold``: None for the trial itself, else that fold under its own MLflow run
     inside the trial's); returns its per-epoch reports."""
@@ -215,7 +214,7 @@ def _report_folds(tracker: tracking.Tracker, metric: str, step: int, scores: lis
     tune.report({**out, **extra})
 
 
-def _folds_in_sequence(cfg: Config, tracker: tracking.Tracker, name: str, ctx: TrialContext) -> None:
+def _folds_in_sequence(cfg: Config, tracker: tracking.Tracker, name: str, ctx: trials.TrialContext) -> None:
     """The cluster holds one training of the trial at a time: its k folds one after another, a report after
     each with the mean over the folds done so far, so that ASHA can stop a weak trial after its first fold
     instead of training all k (a fold starts only once Tune has accepted the report before it)."""
@@ -226,7 +225,7 @@ def _folds_in_sequence(cfg: Config, tracker: tracking.Tracker, name: str, ctx: T
         _report_folds(tracker, metric, fold + 1, scores, {"folds_done": fold + 1, "epoch": cfg.train.epochs})
 
 
-def _paced_trainings(cfg: Config, tracker: tracking.Tracker, name: str, ctx: TrialContext) -> None:
+def _paced_trainings(cfg: Config, tracker: tracking.Tracker, name: str, ctx: trials.TrialContext) -> None:
     """The trial's training (or its k fold trainings, side by side), paced by Tune: after epoch e of every
     training the trial reports (the training's own metrics; with folds the mean over folds, see
     ``_report_folds``), and epoch e + 1 starts only once Tune has accepted that report (``pipeline.pacing``),
@@ -468,12 +467,13 @@ def _close_children(uri: str | None, experiment: str, sweep: str, best_trial: st
         child = tracking.Tracker(uri, run.info.run_id)
         if best_trial and trial == best_trial and mode == "tune-trial":
             child.set_tags({"best": "true"})
-        status = outcomes.get(trial, "KILLED")
-        if status == "KILLED" and (mode == "tune-trial" or run.info.status == "RUNNING"):
+        status = outcomes.get(trial)
+        if mode == "tune-fold" and run.info.status != "RUNNING":
+            continue  # a fold that ended on its own keeps its status
+        if status == "KILLED":
             child.set_tags({"stopped_by": "asha"})
-            child.end("KILLED")
-        elif run.info.status != status and (mode == "tune-trial" or run.info.status == "RUNNING"):
-            child.end(status)
+        if run.info.status != (status or "KILLED") and (status or run.info.status == "RUNNING"):
+            child.end(status or "KILLED")  # (no outcome: Tune recorded nothing of the trial; its run was cut off)
 
 
 def format_summary(summary: dict[str, Any], metric: str) -> str:

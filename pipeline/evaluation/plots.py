@@ -4,6 +4,7 @@ epochs, drawn from its MLflow history."""
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -13,6 +14,9 @@ import numpy as np  # noqa: E402
 from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image, ImageOps  # noqa: E402
+
+if TYPE_CHECKING:
+    from pipeline.tracking import Tracker
 
 
 def recall_curve(runs: dict[str, dict[str, float]], title: str = "Recall@K on unseen classes") -> Figure:
@@ -122,7 +126,7 @@ def epoch_curves(history: dict[str, list[tuple[int, float]]], panels: list[tuple
     return fig
 
 
-def log_training_curves(tracker: "Tracker") -> None:  # noqa: F821 - pipeline.tracking.Tracker
+def log_training_curves(tracker: Tracker) -> None:
     """Per-epoch figures from the run's MLflow history: the generalisation gap and the adversary's state."""
     if not tracker.enabled:
         return
