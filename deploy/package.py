@@ -41,6 +41,18 @@ def gallery_from_split(checkpoint: str, split: str, data_root: str | None = None
     return cfg, emb, [names.get(int(lab), str(lab)) for lab in labels], keys
 
 
+def _example_image(size: int) -> str:
+    """A grey PNG of the model's input size, base64-encoded: the served model's input example."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (128, 128, 128)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def requirements() -> list[str]:
     """The served model's pip requirements: gdml's own, and whichever FAISS build is installed here."""
     from importlib.metadata import requires
@@ -73,7 +85,7 @@ def package(checkpoint: str, name: str, alias: str = "champion", split: str = "t
         faiss.write_index(index, f"{tmp}/gallery.index")
         Path(f"{tmp}/gallery.json").write_text(json.dumps({"labels": labels, "paths": paths,
                                                            "nprobe": nprobe if kind == "ivf" else None}))
-        example = pd.DataFrame({"image": ["<base64 image>"]})
+        example = pd.DataFrame({"image": [_example_image(cfg.data.image_size)]})
         output = [{"ids": [0], "labels": ["x"], "paths": ["x"], "scores": [1.0]}]
         signature = infer_signature(example, output, params={"k": 5})
         run = tracking.Tracker.start(uri, experiment, f"package-{name}",
@@ -88,6 +100,7 @@ def package(checkpoint: str, name: str, alias: str = "champion", split: str = "t
                            "gallery": f"{tmp}/gallery.json"},
                 code_paths=[str(Path(__file__).resolve().parent.parent / "pipeline")],
                 signature=signature,
+                input_example=(example, {"k": 5}),
                 pip_requirements=requirements(),
                 registered_model_name=name,
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -146,15 +147,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train_and_evaluate(cfg, local=args.local)
     print(_format_metrics_table({result.name: result.metrics}, {"skipped images": {result.name: result.skipped}}))
     if result.run_id:
-        print(f"\nMLflow run {result.run_id} ({result.tracking_uri}); browse: {_ui_hint(result.tracking_uri)}")
+        print(f"\nMLflow run {result.run_id} ({result.tracking_uri}); browse it: "
+              f"{_browse_hint(result.tracking_uri, cfg.tracking.experiment, result.run_id)}")
     print(f"checkpoint: {result.checkpoint}\nrun again with --set train.name={result.name} to resume it")
     return 0
 
 
-def _ui_hint(uri: str) -> str:
-    from pipeline.tracking import ui_hint
+def _browse_hint(uri: str, experiment: str, run_id: str | None = None) -> str:
+    from pipeline.tracking import browse_hint
 
-    return ui_hint(uri)
+    return browse_hint(uri, experiment, run_id)
 
 
 def demo_variants(cfg: Config) -> dict[str, Config]:
@@ -202,7 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"diagnostics (gap curve every epoch, worst queries, attention maps, per-class table): {spent:.0f} s "
               f"of the {elapsed:.0f} s ({100 * spent / elapsed:.1f}%)")
     if first.tracking_uri:
-        print(f"browse them: {_ui_hint(first.tracking_uri)}  "
+        print(f"browse them: {_browse_hint(first.tracking_uri, cfg.tracking.experiment)}  "
               f"(experiment '{cfg.tracking.experiment}', tag demo={stamp})")
     return 0
 
@@ -411,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.tracking import fail_fast_http
 
     args = _parser().parse_args(argv)
+    os.environ["GDML_COMMAND"] = f"gdml {args.command}"  # the runs' mlflow.source.name (Ray workers inherit it)
     fail_fast_http()
     from pipeline.console import interrupt_on_sigterm
 

@@ -308,6 +308,10 @@ class TrackingConfig(_Section):
     """A server that went away during the run: how many seconds the end of the run waits for it to answer again
     before leaving the unsent writes in the run's journal (``gdml replay`` sends them later). Training itself
     never waits."""
+    system_metrics: bool = True
+    """Log CPU, memory, disk, network and GPU use (MLflow's system metrics, ``system/*``) while a run trains."""
+    system_metrics_interval: float = Field(10.0, gt=0.0)
+    """Seconds between two samples of the system metrics."""
 
 
 class Config(_Section):

@@ -171,6 +171,10 @@ def train_and_evaluate(cfg: Config, local: bool = False, name: str | None = None
         held_out = cfg.train.val_fraction > 0 or cfg.tune.folds > 1
         tracker.log_params({"gap.unseen": unseen_source(manifest, held_out, cfg.eval.gap_images)})
         tracker.log_dict(cfg.to_dict(), "config.yaml")
+        from pipeline.data.shards import dataset_input
+
+        tracker.log_inputs([dataset_input(manifest, cfg.data.root, split, "test")
+                            for split in ("test", "query", "gallery") if split in manifest["splits"]])
         started = time.perf_counter()
         checkpoint, _ = fit(cfg, tracker, name, local, progress)
         seconds = time.perf_counter() - started

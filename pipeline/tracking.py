@@ -19,6 +19,7 @@ which run in their own directories, write to the same place); ``MLFLOW_TRACKING_
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -33,6 +34,9 @@ from pipeline.config import TrackingConfig
 from pipeline.errors import GdmlError
 
 PARAM_LIMIT = 6000  # MLflow's longest parameter value
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""Opens gdml's experiments in MLflow 3's model-training view (not its GenAI traces view)."""
+RUNS_VIEW = "runs?workflowType=machine_learning"
 JOURNAL = "tracking-journal.jsonl"
 WORKER_JOURNAL = "tracking-journal-worker.jsonl"
 
@@ -76,7 +80,7 @@ def experiment_id(uri: str, name: str) -> str:
     if _is_local_store(uri):
         base = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:") else Path.cwd()
         location = (base / "mlruns").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
 
 
 def find_runs(uri: str, experiment: str, filter_string: str = "") -> list:
@@ -100,10 +104,44 @@ def download_checkpoint(uri: str, run_id: str, dst: str | Path) -> str:
         raise FileNotFoundError(f"--run {run_id}: no checkpoint artifact in {uri} ({first})") from None
 
 
-def ui_hint(uri: str) -> str:
-    if uri.startswith("sqlite:") or "://" not in uri:
-        return f"mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"
-    return f"open {uri} in a browser"
+def browse_hint(uri: str, experiment: str, run_id: str | None = None) -> str:
+    """How to look at an experiment's runs (or one run) in the MLflow UI: the link, in the model-training view,
+    and for a local store the command that serves it first."""
+    exp = _client(uri).get_experiment_by_name(experiment)
+    where = f"experiments/{exp.experiment_id}/" if exp is not None else ""
+    page = f"{where}runs/{run_id}" if run_id and where else f"{where}{RUNS_VIEW}"
+    if _is_local_store(uri):
+        return f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/#/{page}"
+    return f"open {uri.rstrip('/')}/#/{page}"
+
+
+def source_tags() -> dict[str, str]:
+    """What produced a run: the gdml command, the gdml version and, when gdml runs from a git checkout, its commit
+    (MLflow's runs table shows them in its Source column)."""
+    return {"mlflow.source.type": "LOCAL", "mlflow.source.name": os.environ.get("GDML_COMMAND", "gdml"),
+            **_code_tags()}
+
+
+@functools.lru_cache(maxsize=1)
+def _code_tags() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        tags = {"gdml.version": version("gdml")}
+    except PackageNotFoundError:
+        tags = {"gdml.version": "unknown"}
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / ".git").exists():
+        import subprocess
+
+        try:
+            commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True,
+                                    text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            commit = ""
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 class TrackingUnavailable(GdmlError):
@@ -267,7 +305,7 @@ class Tracker:
         if uri is None:
             return cls(None, None)
         run = _client(uri).create_run(experiment_id(uri, experiment), run_name=name,
-                                      tags={**(tags or {}), "gdml.run_name": name})
+                                      tags={**source_tags(), **(tags or {}), "gdml.run_name": name})
         return cls(uri, run.info.run_id, **kwargs)
 
     @classmethod
@@ -334,6 +372,12 @@ class Tracker:
         elif kind == "tags":
             for key, value in op["tags"].items():
                 client.set_tag(self.run_id, key, value)
+        elif kind == "inputs":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+
+            client.log_inputs(self.run_id, [
+                DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"], profile=d["profile"]),
+                             [InputTag("mlflow.data.context", d["context"])]) for d in op["datasets"]])
         elif kind == "text":
             client.log_text(self.run_id, op["text"], op["artifact_file"])
         elif kind == "artifact":
@@ -414,6 +458,30 @@ class Tracker:
         if not self.enabled:
             return set()
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+
+    def log_inputs(self, datasets: list[dict[str, str]]) -> None:
+        """Data sets as the run's inputs (MLflow's Dataset column); each a dict of name, digest, source_type,
+        source, profile (JSON) and context (training, validation, test)."""
+        self._do({"op": "inputs", "datasets": datasets})
+
+    @contextlib.contextmanager
+    def system_metrics(self, interval: float | None) -> Iterator[None]:
+        """CPU, memory, disk, network and (where NVML finds them) GPU use, sampled every ``interval`` seconds by
+        MLflow's own monitor and logged as ``system/*`` metrics of this run; None: nothing. The monitor stops
+        at its first failed write (a tracking outage) and the run goes on."""
+        if not self.enabled or interval is None:
+            yield
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not its start/stop lines
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, resume_logging=True,
+                                       tracking_uri=self.uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._do({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})

@@ -39,7 +39,7 @@ from pipeline.checkpoint import (
     save_checkpoint,
 )
 from pipeline.config import Config
-from pipeline.data.shards import load_manifest
+from pipeline.data.shards import dataset_input, load_manifest
 from pipeline.data.stream import (
     BalancedStream,
     epoch_units,
@@ -196,6 +196,9 @@ def setup_worker(args: WorkerArgs) -> Worker:
     if rank == 0:
         tracker.log_params({"runtime.device": str(run.device), "runtime.describe": run.describe(),
                             "runtime.world_size": world, "runtime.loader_workers": loader_workers})
+        train_ids = {c["id"] for c in manifest["classes"] if c["split"] == "train"} - val_classes
+        tracker.log_inputs([dataset_input(manifest, cfg.data.root, "train", "training", train_ids)] + (
+            [dataset_input(manifest, cfg.data.root, "train", "validation", val_classes)] if val_classes else []))
         # (not print: Ray Train patches print in its workers to log the line as well, which shows it twice)
         sys.stdout.write(f"gdml: training on {run.describe()}" + (f", {world} workers\n" if world > 1 else "\n"))
         sys.stdout.flush()
@@ -492,20 +495,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         (trace / f"rank{w.rank}.pid").write_text(str(os.getpid()))
     resume(w)
     distribute(w)
-    for epoch in range(w.state.epoch, w.cfg.train.epochs):
-        _pause(w, epoch)
-        if args.epoch_gate is not None:
-            w.tracker.drain(timeout=10.0)  # the epoch before is in MLflow (or the journal) before Tune may stop us
-            ray.get(args.epoch_gate.wait.remote(epoch))
-        metrics = train_epoch(w, epoch)
-        if trace:  # written before the checkpoint exists: a loss after it cannot hide a trained epoch
-            with (trace / f"rank{w.rank}-epochs.log").open("a") as f:
-                f.write(f"{epoch + 1}\n")
-        metrics.update(validate(w))
-        w.state.epoch = epoch + 1
-        report(w, metrics)
-        if trace:
-            _trace_devices(w, trace)
+    tracking = w.cfg.tracking
+    with w.tracker.system_metrics(tracking.system_metrics_interval if tracking.system_metrics else None):
+        for epoch in range(w.state.epoch, w.cfg.train.epochs):
+            _pause(w, epoch)
+            if args.epoch_gate is not None:
+                w.tracker.drain(timeout=10.0)  # the epoch before is in MLflow (or the journal) before Tune may stop
+                ray.get(args.epoch_gate.wait.remote(epoch))
+            metrics = train_epoch(w, epoch)
+            if trace:  # written before the checkpoint exists: a loss after it cannot hide a trained epoch
+                with (trace / f"rank{w.rank}-epochs.log").open("a") as f:
+                    f.write(f"{epoch + 1}\n")
+            metrics.update(validate(w))
+            w.state.epoch = epoch + 1
+            report(w, metrics)
+            if trace:
+                _trace_devices(w, trace)
     w.tracker.close(timeout=10.0)  # what is still unsent stays in the worker's journal: the driver takes it over
 
 

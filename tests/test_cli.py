@@ -35,6 +35,10 @@ def test_eval_package_and_query_through_the_cli(trained, tiny_shards, monkeypatc
     code, out, err = gdml(capsys, "package", "--checkpoint", result.checkpoint, "--name", "cli-retrieval")
     assert code == 0, err[-2000:]
     assert "registered cli-retrieval version 1 (flat index over 48 gallery images)" in out
+    import mlflow
+
+    info = mlflow.models.get_model_info("models:/cli-retrieval@champion")  # logged with an input example
+    assert info.saved_input_example_info["type"] == "dataframe" and info.signature.params.to_dict()[0]["name"] == "k"
     first = shards.load_manifest(tiny_shards)["splits"]["test"]["shards"][0]["file"]
     with tarfile.open(tiny_shards / first) as tar:
         name = sorted(n for n in tar.getnames() if n.endswith(".png"))[0]

@@ -8,6 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import cli
 from tests.conftest import TINY, cli_args
+from tests.test_train import check_view
 
 
 @pytest.mark.slow
@@ -27,7 +28,10 @@ def test_shrunken_demo_prints_both_variants_and_logs_two_runs(tmp_path, tiny_sha
             if re.match(r"^(recall_at_\d|map_at_r|r_precision|precision_at_1|nmi)\s", line)}
     assert set(rows) == {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "r_precision",
                          "precision_at_1", "nmi"}
-    assert "mlflow ui --backend-store-uri" in out
+    experiment = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("gdml-demo")
+    # the link opens the experiment's runs table in the model-training view
+    assert (f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}   then open http://127.0.0.1:5000/#/"
+            f"experiments/{experiment.experiment_id}/runs?workflowType=machine_learning") in out
     assert re.search(r"^diagnostics \(gap curve .*\): \d+ s of the \d+ s \(\d+\.\d%\)$", out, re.M), out[-2000:]
     ids = dict(pair.split("=") for pair in re.search(r"MLflow runs: (.*)$", out, re.M).group(1).split(", "))
 
@@ -45,4 +49,6 @@ def test_shrunken_demo_prints_both_variants_and_logs_two_runs(tmp_path, tiny_sha
         for key, printed in rows.items():  # the printed table is these runs' test metrics
             assert printed[column] == f"{run.data.metrics[f'test/{key}']:.4f}", (variant, key)
         assert "loss_dml" in run.data.metrics
+        assert run.data.tags["mlflow.source.name"] == "gdml demo"
+        check_view(client, run, held_out=0)
         assert run.data.metrics["gap_seconds"] > 0 and run.data.metrics["test/diagnostics_seconds"] > 0

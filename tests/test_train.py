@@ -1,6 +1,9 @@
 """Training through the real worker function: local mode (one process) and Ray Train with 2 gloo workers."""
 
 import json
+import subprocess
+from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +12,8 @@ from mlflow.tracking import MlflowClient
 from pipeline.checkpoint import CHECKPOINT_FILE, load_model
 from pipeline.launch import train_and_evaluate
 from tests.conftest import TRAINED_EPOCHS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 METRICS = {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "r_precision", "precision_at_1",
            "nmi"}
@@ -41,6 +46,29 @@ def check_mlflow(result, epochs, plots=PLOTS):
     assert run.data.params["gap.unseen"].startswith("a fixed sample of up to 512 images of test classes")
     assert CHECKPOINT_FILE in {a.path.split("/")[-1] for a in client.list_artifacts(result.run_id, "checkpoint")}
     assert plots <= {a.path for a in client.list_artifacts(result.run_id, "plots")}
+    check_view(client, run, held_out=0)
+
+
+def check_view(client, run, held_out: int):
+    """What the MLflow UI shows of a run: its experiment opens in the model-training view; the data set (shards,
+    split, counts, context) in the Dataset column, the code in the Source column; system metrics."""
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+              for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "test"} | ({"validation"} if held_out else set())
+    profiles = {context: json.loads(d.profile) for context, d in inputs.items()}
+    assert profiles["training"]["classes"] == 24 - held_out and profiles["test"]["classes"] == 24
+    assert profiles["test"]["images"] == 48 and profiles["training"]["split"] == "train"
+    assert all(d.source_type == "local" and json.loads(d.source)["uri"].startswith("file:///") and len(d.digest) == 16
+               for d in inputs.values())
+    tags = run.data.tags
+    assert tags["gdml.version"] == version("gdml") and tags["mlflow.source.type"] == "LOCAL"
+    if (ROOT / ".git").exists():
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+        assert tags["mlflow.source.git.commit"] == head.stdout.strip()
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
 
 
 @pytest.mark.slow
@@ -140,9 +168,11 @@ def test_a_pair_loss_and_a_proxy_loss_train_and_evaluate_end_to_end(tiny_cfg, lo
     from pipeline import config as config_mod
 
     cfg = config_mod.with_values(tiny_cfg, {"loss.name": loss_name, "train.max_steps_per_epoch": 2,
-                                            "train.name": f"loss-{loss_name}"})
+                                            "train.name": f"loss-{loss_name}", "tracking.system_metrics": False})
     result = train_and_evaluate(cfg, local=True, progress=False, plots=False)
     assert set(result.metrics) == METRICS
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert not any(k.startswith("system/") for k in run.data.metrics)  # tracking.system_metrics=false: none
     state = torch.load(f"{result.checkpoint}/{CHECKPOINT_FILE}", weights_only=True)
     if loss_name.startswith("proxy"):
         assert state["loss"]["inner.proxies"].shape == (24, cfg.model.embedding_size)

@@ -327,3 +327,20 @@ def verify(root: str | Path) -> list[str]:
         for sh in split["shards"]
         if _sha256(Path(root) / sh["file"]) != sh["sha256"]
     ]
+
+
+def dataset_input(manifest: dict[str, Any], root: str, split: str, context: str,
+                  classes: set[int] | None = None) -> dict[str, str]:
+    """The images of ``split`` (only ``classes`` of it, if given) as an MLflow dataset input: named after the shard
+    root and the context, the manifest's digest, the root as source, the split's class and image counts."""
+    from pipeline.paths import is_remote
+
+    chosen = [c for c in manifest["classes"] if c["split"] == split and (classes is None or c["id"] in classes)]
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    remote = is_remote(root)
+    profile = {"split": split, "classes": len(chosen), "images": sum(c["count"] for c in chosen),
+               "shards": len(manifest["splits"][split]["shards"]), "source": manifest["params"].get("source")}
+    return {"name": f"{root.rstrip('/').rsplit('/', 1)[-1]}-{context}", "digest": digest, "context": context,
+            "source_type": root.split(":", 1)[0] if remote else "local",
+            "source": json.dumps({"uri": root if remote else Path(root).resolve().as_uri()}),
+            "profile": json.dumps(profile)}
