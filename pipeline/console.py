@@ -16,6 +16,14 @@ JOIN_TIMEOUT = 10.0
 """Seconds a cluster's address has to answer before gdml says it is gone (Ray itself would retry for minutes)."""
 
 
+def interactive() -> bool:
+    """Whether the console is a terminal: progress bars there; elsewhere (a log file, CI, a cluster job's log) one
+    line per epoch instead, since each redraw of a bar would be a new line."""
+    import sys
+
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
 class ClusterUnreachable(GdmlError):
     """The Ray cluster gdml was told to join (``RAY_ADDRESS``, or the one ``ray start`` recorded) does not answer."""
 
@@ -59,6 +67,8 @@ class RayConsole:
         original = ray_worker.print_worker_logs
         if getattr(original, "_gdml", False):
             return
+        if not interactive():
+            os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # a log file gets no colour codes
 
         def route(data: dict, print_file: Any, ignore_prefix: bool = False) -> None:
             lines = data.get("lines", [])

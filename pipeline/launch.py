@@ -15,7 +15,7 @@ from typing import Any
 from pipeline import tracking
 from pipeline.checkpoint import latest_checkpoint, load_latest
 from pipeline.config import Config
-from pipeline.console import RayConsole, init_ray
+from pipeline.console import RayConsole, init_ray, interactive
 from pipeline.errors import GdmlError, TrainingFailed
 from pipeline.paths import is_remote
 from pipeline.preflight import prepare
@@ -57,6 +57,7 @@ def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
+    from pipeline.restarts import RestartNotice
     from pipeline.train import STAGING_PREFIX, Hooks, WorkerArgs, train_loop_per_worker
 
     storage = cfg.train.storage_path
@@ -65,7 +66,8 @@ def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress
     resume_from = latest_checkpoint(storage, name)
     if resume_from:
         log.info("resuming %s from %s", name, resume_from)
-    args = WorkerArgs(cfg, name, local, progress, tracker.uri, tracker.run_id, str(journal_dir(cfg, name)),
+    args = WorkerArgs(cfg, name, local, progress, interactive(), tracker.uri, tracker.run_id,
+                      str(journal_dir(cfg, name)),
                       checkpoint_root=str(Path(storage) / name) if local else None,
                       fault_marker=None if is_remote(storage) else str(Path(storage) / name / ".fault-injected"),
                       epoch_gate=epoch_gate, hooks=hooks or Hooks())
@@ -85,7 +87,7 @@ def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress
         run_config=RunConfig(name=name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             callbacks=callbacks or [],
+                             callbacks=[*(callbacks or []), RestartNotice(storage, name, cfg.train.max_failures)],
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
     try:

@@ -83,6 +83,8 @@ class WorkerArgs:
     local: bool = False
     """One process (local mode), no Ray Train workers."""
     progress: bool = True
+    bars: bool = True
+    """With ``progress``: a live bar per epoch (a terminal), else one line per epoch (a log file)."""
     mlflow_uri: str | None = None
     mlflow_run_id: str | None = None
     """Where rank 0 logs (None: untracked), from a background thread that never makes training wait."""
@@ -199,9 +201,7 @@ def setup_worker(args: WorkerArgs) -> Worker:
         train_ids = {c["id"] for c in manifest["classes"] if c["split"] == "train"} - val_classes
         tracker.log_inputs([dataset_input(manifest, cfg.data.root, "train", "training", train_ids)] + (
             [dataset_input(manifest, cfg.data.root, "train", "validation", val_classes)] if val_classes else []))
-        # (not print: Ray Train patches print in its workers to log the line as well, which shows it twice)
-        sys.stdout.write(f"gdml: training on {run.describe()}" + (f", {world} workers\n" if world > 1 else "\n"))
-        sys.stdout.flush()
+        _say(f"training on {run.describe()}" + (f", {world} workers" if world > 1 else ""))
     loader = train_loader(stream, run.pin_memory)
     if args.hooks.synthetic_batches:
         loader = synthetic_batches(args.hooks.synthetic_batches, cfg, num_train_classes, run.device)
@@ -269,6 +269,13 @@ def _mean_across_ranks(values: dict[str, float], w: Worker) -> dict[str, float]:
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
+
+
+def _say(line: str) -> None:
+    """One ``gdml:`` line on the driver's console (the prefix lets it through ``RayConsole``). Not print: Ray Train
+    patches print in its workers to log the line as well, which shows it twice."""
+    sys.stdout.write(f"gdml: {line}\n")
+    sys.stdout.flush()
 
 
 def _progress(total: int, desc: str, enabled: bool, local: bool):
@@ -370,8 +377,8 @@ def train_epoch(w: Worker, epoch: int) -> dict[str, float]:
     w.ddp_module.train()
     sums = dict.fromkeys(EPOCH_SUMS, 0.0)
     started = time.perf_counter()
-    bar = _progress(w.steps, f"epoch {epoch + 1}/{w.cfg.train.epochs}", w.rank == 0 and w.args.progress,
-                    w.args.local)
+    shown = w.rank == 0 and w.args.progress
+    bar = _progress(w.steps, f"epoch {epoch + 1}/{w.cfg.train.epochs}", shown and w.args.bars, w.args.local)
     seen, applied, lam = 0, 0, 0.0
     traced: list[list[int]] = []
     for images, labels in w.loader:
@@ -403,6 +410,9 @@ def train_epoch(w: Worker, epoch: int) -> dict[str, float]:
     metrics.update(epoch=epoch + 1, steps=seen, adv_lambda=lam, epoch_seconds=time.perf_counter() - started,
                    skipped_samples=w.stream.stats.skipped, reused_units=w.stream.stats.reused_units,
                    skipped_steps=w.state.skipped_steps)
+    if shown and not w.args.bars:
+        _say(f"{w.args.name} epoch {epoch + 1}/{w.cfg.train.epochs}: loss {metrics['loss']:.4f}, {seen} steps, "
+             f"{metrics['epoch_seconds']:.1f} s")
     if adv.enabled:
         metrics.update(adv_chance=1.0 / w.num_train_classes,
                        adv_grad_ratio=metrics["adv_grad_norm"] / max(metrics["dml_grad_norm"], 1e-12))

@@ -28,6 +28,10 @@ def test_shrunken_demo_prints_both_variants_and_logs_two_runs(tmp_path, tiny_sha
             if re.match(r"^(recall_at_\d|map_at_r|r_precision|precision_at_1|nmi)\s", line)}
     assert set(rows) == {"recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "r_precision",
                          "precision_at_1", "nmi"}
+    # off a terminal (here, a captured stdout) progress is one line per epoch per run, not bars
+    epochs = re.findall(r"^.*gdml: (demo-\S+) epoch (\d)/1: loss \d+\.\d+, 2 steps, \d+\.\d s$", out, re.M)
+    assert sorted(name.split("-")[1] for name, _ in epochs) == ["baseline", "both"], out[-3000:]
+    assert "step/s" not in out and "\r" not in out and "\x1b[" not in out
     experiment = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name("gdml-demo")
     # the link opens the experiment's runs table in the model-training view
     assert (f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}   then open http://127.0.0.1:5000/#/"

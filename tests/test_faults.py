@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 @pytest.mark.ray
 @pytest.mark.timeout(480)
 def test_lost_workers_restart_then_give_up_in_one_line_and_the_rerun_resumes_exactly(tiny_cfg, tmp_path, monkeypatch,
-                                                                                      shared_ray):
+                                                                                      shared_ray, capfd):
     """A straight 2-worker run (2 loader workers each: what every rank trained on is traced), and the same run with
     two losses: rank 1 dies in epoch 2 (Ray Train restarts the group from epoch 1's checkpoint), then rank 0 is
     killed while both ranks are held before epoch 4 (one restart allowed: the run fails, in one line). The rerun
@@ -117,6 +118,11 @@ def test_lost_workers_restart_then_give_up_in_one_line_and_the_rerun_resumes_exa
         with pytest.raises(TrainingFailed) as failed:
             train_and_evaluate(faulty, local=False, progress=False, plots=False)
         killer.result(timeout=60)  # (its own failure, if any, is the test's)
+    restarts = [line for line in capfd.readouterr().out.splitlines() if "Ray Train restarts the workers" in line]
+    assert len(restarts) == 1, restarts  # the first loss restarts (one console line); the second ends the run
+    assert re.search(r"gdml: faulty: lost (rank 0 \(\w+\), )?rank 1 \(\w+\); Ray Train restarts the workers from the "
+                     r"checkpoint of epoch 1 \(.*checkpoint_epoch=0001\) \(failure 1 of train.max_failures=1\)$",
+                     restarts[0])
     message = str(failed.value)
     assert "\n" not in message and "train.max_failures" in message and "rank 0: its process died" in message
     assert "(epoch 3); run again with --set train.name=faulty to resume from it" in message

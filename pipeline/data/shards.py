@@ -238,7 +238,7 @@ def build(cfg: DataConfig, root: str | Path | None = None, workers: int | None =
         log.info("resuming: %d of %d shards already built in %s", len(records), len(tasks), out)
     workers = max(1, min(workers or cfg.build_workers, len(todo) or 1))
     total = sum(s["planned"] for _, _, s in todo)
-    with tqdm(total=total, desc=f"shards {out.name}", unit="img") as bar:
+    with tqdm(total=total, desc=f"shards {out.name}", unit="img", disable=None) as bar:
         if workers == 1:
             for split, i, shard in todo:
                 records[(split, i)] = write_shard(str(out), shard, params)

@@ -35,7 +35,7 @@ def embed_split(model: torch.nn.Module, manifest: dict, root: str, split: str = 
     data = DataLoader(source, batch_size=batch_size, generator=torch.Generator())
     embs, labels, keys = [], [], []
     with tqdm(total=split_size(manifest, split, classes), desc=f"embed {split}", unit="img",
-              disable=not progress) as bar:
+              disable=None if progress else True) as bar:
         for images, cls, key in data:
             emb, _ = model(images.to(device))
             embs.append(emb.float().cpu().numpy())

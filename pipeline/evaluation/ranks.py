@@ -200,7 +200,7 @@ def _relevant_ranks(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray |
         caps[:, 0] = np.maximum(R, max_rank)
     qt, gt = torch.from_numpy(Q), torch.from_numpy(G).T.contiguous()
     pairs = [(r0, c0) for r0 in range(0, len(Q), block) for c0 in range(r0 if self_search else 0, len(G), block)]
-    for r0, c0 in tqdm(pairs, desc="rank relevant items", unit="block", disable=not progress):
+    for r0, c0 in tqdm(pairs, desc="rank relevant items", unit="block", disable=None if progress else True):
         S = torch.mm(qt[r0:r0 + block], gt[:, c0:c0 + block]).numpy()
         width = S.shape[1] if self_search else 1
         chist = np.zeros((nch, width, T.shape[1]), dtype=np.int64)

@@ -120,7 +120,7 @@ def relevant_ranks_torch(query: np.ndarray, labels: np.ndarray, gallery: np.ndar
     ahead = torch.zeros((n, width), dtype=torch.int64, device=device)
     blocks = [(r0, c0) for r0 in range(0, n, block_rows) for c0 in range(0, len(G), block_cols)]
     with _ieee_float32_matmul():
-        for r0, c0 in tqdm(blocks, desc="rank relevant items", unit="block", disable=not progress):
+        for r0, c0 in tqdm(blocks, desc="rank relevant items", unit="block", disable=None if progress else True):
             r1, c1 = min(n, r0 + block_rows), min(len(G), c0 + block_cols)
             S = q[r0:r1] @ g[c0:c1].T
             if self_search and r0 < c1 and c0 < r1:  # a query is not its own reference
