@@ -23,7 +23,8 @@ start with:  gdml demo            (baseline vs the framework on the embedded emo
 then:        gdml train --config configs/cub.yaml --set model.adversary.weight=0.3
              gdml tune --config configs/sweep_demo.yaml
              gdml package --run <MLflow run id>;  gdml query image.png
-every option of a config: README.md, "Configuration reference"; gdml <command> --help for a command's flags"""
+the documentation: docs/ (mkdocs serve), every config key in docs/reference/configuration.md;
+gdml <command> --help for a command's flags"""
 
 
 def _version() -> str:
@@ -196,8 +197,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                 {"train seconds": {k: f"{r.seconds:.0f}" for k, r in results.items()}}))
     gain = results["+both"].metrics["recall_at_1"] - results["baseline"].metrics["recall_at_1"]
     print(f"\n+both - baseline: {gain:+.4f} Recall@1 on one seed (seed {cfg.train.seed}); a difference means something "
-          "only well beyond the spread over seeds, which `gdml ablate --seeds 0 1 2` measures (README: The claim, "
-          "measured)")
+          "only well beyond the spread over seeds, which `gdml ablate --seeds 0 1 2` measures (docs/claim.md)")
     print(f"demo took {elapsed:.0f} s. MLflow runs: " + ", ".join(f"{k}={r.run_id}" for k, r in results.items()))
     spent = _diagnostics_seconds(results.values())
     if spent is not None:

@@ -32,7 +32,7 @@ def one_of(value: str, allowed: Iterable[str]) -> str:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class DataConfig(_Section):
@@ -106,8 +106,11 @@ class SamplerConfig(_Section):
 
 class AugmentConfig(_Section):
     crop_scale: tuple[float, float] = (0.6, 1.0)
+    """RandomResizedCrop's scale range (the share of the image a crop keeps)."""
     flip: bool = True
+    """Random horizontal flips."""
     color_jitter: float = Field(0.2, ge=0.0, le=1.0)
+    """Brightness, contrast and saturation jitter."""
 
 
 class AttentionConfig(_Section):
@@ -146,7 +149,9 @@ class AdversaryConfig(_Section):
     """reversal: gradient reversal (the features get -lambda times the head's gradient); confusion: the head
     learns to classify, the features learn to make its prediction uniform (lambda x cross-entropy to uniform)."""
     hidden: int = Field(512, ge=8)
+    """The adversary's MLP hidden width."""
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    """The adversary's MLP dropout."""
 
     @field_validator("mode")
     @classmethod
@@ -163,6 +168,7 @@ class ModelConfig(_Section):
     freeze_bn: bool = False
     """Keep the backbone's BatchNorm statistics and affine weights fixed (standard in DML with pretrained weights)."""
     embedding_size: int = Field(128, ge=2)
+    """Embedding dimension (the embedding is L2-normalised)."""
     fusion: Literal["concat", "sum"] = "concat"
     """concat: concatenate the last layer's pooled feature and the tap descriptors, then one linear layer;
     sum: a linear projection of each to the embedding size, summed."""
@@ -194,6 +200,7 @@ class LossConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(3, ge=1)
+    """Epochs to train."""
     lr: float = Field(1e-3, gt=0.0)
     """Learning rate of the backbone."""
     lr_heads: float = Field(1e-3, gt=0.0)
@@ -203,7 +210,9 @@ class TrainConfig(_Section):
     lr_loss: float = Field(1e-2, gt=0.0)
     """Learning rate of the loss's own parameters (proxies)."""
     weight_decay: float = Field(1e-4, ge=0.0)
+    """AdamW weight decay."""
     seed: int = 0
+    """Seed of the weights, the sampling and the augmentation."""
     workers: int = Field(2, ge=1)
     """Ray Train workers (DDP ranks); ignored in local mode (one process)."""
     cpus_per_worker: int = Field(1, ge=1)
@@ -244,6 +253,7 @@ class FaultConfig(_Section):
     """Fault injection, for testing recovery: each fault happens once per run."""
 
     crash_rank: int | None = Field(None, ge=0)
+    """The rank ``crash_step`` kills."""
     crash_step: int | None = Field(None, ge=1)
     """Kill worker ``crash_rank`` (its process exits) when it reaches this global step."""
     nan_step: int | None = Field(None, ge=1)
@@ -255,6 +265,7 @@ class FaultConfig(_Section):
     ``<pause_file>.rank<r>`` (its process id) once it waits: a run held still at a known point, for tests that act
     on it there (kill a worker, stop a server, interrupt the driver)."""
     pause_file: str | None = None
+    """The file that releases the ranks held before ``pause_epoch``."""
 
 
 class TuneConfig(_Section):
@@ -278,6 +289,7 @@ class EvalConfig(_Section):
     recall_at: list[int] = [1, 2, 4, 8]
     """K of Recall@K (positive, at least one)."""
     batch_size: int = Field(256, ge=1)
+    """Images per batch when embedding."""
     gap_images: int = Field(512, ge=0)
     """Every epoch, Recall@1 and MAP@R on a fixed sample of this many seen-class images beside held-out classes
     (the generalisation gap, ``gap/*``); 0: off."""
@@ -302,6 +314,7 @@ class TrackingConfig(_Section):
     uri: str | None = None
     """MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db."""
     experiment: str = "gdml"
+    """MLflow experiment name."""
     required: bool = True
     """An unreachable tracking server stops the run before training; false: warn loudly and train untracked."""
     outage_wait: float = Field(120.0, ge=0.0)
