@@ -173,14 +173,14 @@ def train_and_evaluate(cfg: Config, local: bool = False, name: str | None = None
         held_out = cfg.train.val_fraction > 0 or cfg.tune.folds > 1
         tracker.log_params({"gap.unseen": unseen_source(manifest, held_out, cfg.eval.gap_images)})
         tracker.log_dict(cfg.to_dict(), "config.yaml")
-        from pipeline.data.shards import dataset_input
-
-        tracker.log_inputs([dataset_input(manifest, cfg.data.root, split, "test")
-                            for split in ("test", "query", "gallery") if split in manifest["splits"]])
         started = time.perf_counter()
         checkpoint, _ = fit(cfg, tracker, name, local, progress)
         seconds = time.perf_counter() - started
         tracker.adopt(journal / tracking.WORKER_JOURNAL)  # what the training worker could not send
+        from pipeline.data.shards import dataset_input
+
+        tracker.log_inputs([dataset_input(manifest, cfg.data.root, split, "test")  # after the training data sets
+                            for split in ("test", "query", "gallery") if split in manifest["splits"]])
         ev = evaluate_checkpoint(checkpoint, cfg, manifest, "test", progress)
         tracker.log_params({"runtime.eval_device": ev.device})
         tracker.log_metrics({"train_seconds": seconds})

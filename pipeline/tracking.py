@@ -109,7 +109,7 @@ def browse_hint(uri: str, experiment: str, run_id: str | None = None) -> str:
     and for a local store the command that serves it first."""
     exp = _client(uri).get_experiment_by_name(experiment)
     where = f"experiments/{exp.experiment_id}/" if exp is not None else ""
-    page = f"{where}runs/{run_id}" if run_id and where else f"{where}{RUNS_VIEW}"
+    page = f"{where}runs/{run_id}?{RUNS_VIEW.split('?')[1]}" if run_id and where else f"{where}{RUNS_VIEW}"
     if _is_local_store(uri):
         return f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/#/{page}"
     return f"open {uri.rstrip('/')}/#/{page}"

@@ -56,7 +56,7 @@ TINY = {
     "model.adversary.hidden": 32,
     "train.epochs": 1,
     "train.cpus_per_worker": 1,
-    "tracking.system_metrics_interval": 0.5,  # a few samples even in a run of seconds
+    "tracking.system_metrics_interval": 0.1,  # system-metric curves (several samples) even in a run of seconds
 }
 
 
