@@ -229,6 +229,10 @@ class TrainConfig(_Section):
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     """Hold out this fraction of the *training* classes (class-disjoint) and report val/* metrics every epoch:
     what sweeps choose by; the test classes are never used to choose. 0: no validation."""
+    cluster_file: str | None = None
+    """A Ray cluster launcher file (``ray_cluster.yaml``) whose node types the cluster's autoscaler starts: what a
+    run can ask for is read from it, not from the nodes up at submit. Default: ``~/ray_bootstrapped_config.yaml``
+    where present (a head started by ``ray up``), else the nodes up now."""
     max_failures: int = Field(2, ge=-1)
     """Ray Train restarts after a worker is lost, each from the last checkpoint (-1: no limit)."""
     nonfinite: Literal["stop", "skip"] = "stop"

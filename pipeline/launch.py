@@ -36,15 +36,6 @@ class RunResult:
     """Test images that could not be read (left out of the metrics)."""
 
 
-def _use_gpu(cfg: Config) -> bool:
-    """Ask Ray for a GPU per worker: train.device=cuda, or auto on a cluster that has GPUs."""
-    if cfg.train.device != "auto":
-        return cfg.train.device == "cuda"
-    import ray
-
-    return bool(ray.cluster_resources().get("GPU", 0))
-
-
 def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress: bool = True,
         hooks: Any = None, epoch_gate: Any = None, callbacks: list | None = None) -> tuple[str, list[dict]]:
     """Train with Ray Train (or in-process); returns the final checkpoint directory and the per-epoch metrics
@@ -76,9 +67,15 @@ def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress
             logging.getLogger("ray.train").setLevel(logging.WARNING)
         scaling = ScalingConfig(num_workers=0)
     else:
+        from pipeline import cluster as cluster_mod
+
         init_ray()
+        cluster = cluster_mod.inspect(cfg)
+        cluster_mod.check_fits(cfg, cluster)
+        if progress:
+            cluster_mod.announce(cfg, cluster)
         RayConsole.for_run(journal_dir(cfg, name) / "ray.log", progress)
-        scaling = ScalingConfig(num_workers=cfg.train.workers, use_gpu=_use_gpu(cfg),
+        scaling = ScalingConfig(num_workers=cfg.train.workers, use_gpu=cluster_mod.use_gpu(cfg, cluster),
                                 resources_per_worker={"CPU": cfg.train.cpus_per_worker})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -127,6 +124,11 @@ def describe_failure(err: Exception, cfg: Config, name: str) -> str:
     if not causes:
         lines = [line for line in str(err).splitlines() if line.strip()]
         causes.append(lines[-1] if lines else type(err).__name__)
+    if any("no GPUs found" in c or "No CUDA GPUs are available" in c for c in causes):
+        # Ray gave the workers GPUs, but torch there sees none: NCCL's set-up fails before gdml's own check runs
+        from pipeline.runtime import unusable_gpu
+
+        causes = [unusable_gpu(cfg.train.device, False, 1, False) or causes[0]]
     latest = load_latest(cfg.train.storage_path, name)
     if latest:
         resume = (f"the last checkpoint is {latest[0]} (epoch {latest[1]['epoch']}); run again with "

@@ -104,7 +104,8 @@ class TrainModule(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(DML loss, adversarial loss or None, adversary logits or None)."""
         emb, adversarial = self.embedder(images, lam)
-        loss_dml = self.metric_loss(emb, labels)
+        with torch.autocast(emb.device.type, enabled=False):  # the metric loss in float32, outside mixed precision:
+            loss_dml = self.metric_loss(emb.float(), labels)  # its similarities go through exp(50 x ...)
         if adversarial is None:
             return loss_dml, None, None
         loss_adv = adversarial_loss(adversarial.logits, labels)

@@ -84,8 +84,9 @@ def prepare(cfg: Config, local: bool) -> tuple[Config, str | None, dict[str, Any
 
 
 def check_device(cfg: Config, local: bool) -> None:
-    """``train.device=cuda`` needs a GPU: in this process (local mode) or in the Ray cluster. In local mode a GPU
-    that torch cannot use is an error too (``runtime.unusable_gpu``), never a silent CPU run."""
+    """``train.device=cuda`` needs a GPU: in this process (local mode) or in the Ray cluster, where the run must also
+    fit the nodes the cluster has or can start. In local mode a GPU that torch cannot use is an error too
+    (``runtime.unusable_gpu``), never a silent CPU run."""
     if local:
         from pipeline.runtime import Capabilities, decide_device, nvidia_devices, unusable_gpu
 
@@ -95,16 +96,11 @@ def check_device(cfg: Config, local: bool) -> None:
             raise ConfigError(problem)
         decide_device(cfg.train.device, caps)  # cuda without a visible GPU: one line
         return
-    if cfg.train.device != "cuda":
-        return
-    import ray
-
+    from pipeline import cluster
     from pipeline.console import init_ray
 
     init_ray()
-    if not ray.cluster_resources().get("GPU", 0):
-        raise ConfigError("train.device: cuda was asked for, but the Ray cluster has no GPU "
-                          "(set train.device=auto or cpu)")
+    cluster.check_fits(cfg, cluster.inspect(cfg))  # a run no node (type) of the cluster can ever hold: one line
 
 
 def check_data(cfg: Config, manifest: dict[str, Any], world_size: int) -> None:

@@ -128,6 +128,33 @@ def test_training_learns_its_batches_and_fit_hands_back_the_last_epoch(tiny_cfg)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_the_metric_loss_runs_in_float32_outside_mixed_precision():
+    """Under autocast (bf16 here, on the CPU; fp16 or bf16 on a GPU) the embedder's output is low precision; the
+    metric loss is computed outside autocast on float32 embeddings, the same value as a float32 step gives."""
+    from pipeline.config import LossConfig
+    from pipeline.objectives import MetricLoss, TrainModule
+
+    class Embedder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 4)
+
+        def forward(self, images, lam):
+            return torch.nn.functional.normalize(self.linear(images), dim=1), None
+
+    torch.manual_seed(0)
+    module = TrainModule(Embedder(), MetricLoss(LossConfig(), num_classes=3, embedding_size=4))
+    seen = []
+    module.metric_loss.register_forward_pre_hook(
+        lambda _, args: seen.append((args[0].dtype, torch.is_autocast_enabled("cpu"))))
+    images, labels = torch.randn(12, 8), torch.tensor([0, 1, 2] * 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, _ = module(images, labels)
+        emb, _ = module.embedder(images, 0.0)
+    assert emb.dtype == torch.bfloat16 and seen == [(torch.float32, False)] and loss.dtype == torch.float32
+    assert loss.item() == module.metric_loss(emb.float(), labels).item()
+
+
 def test_every_loss_takes_a_step_with_the_full_framework():
     """One optimisation step of the whole module (backbone, attention, adversary, loss) for every loss: finite
     terms, gradients reaching the backbone, the adversary and (proxy losses) the proxies, one learning rate per

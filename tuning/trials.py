@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
 
 
 @dataclass(frozen=True)
@@ -32,29 +32,23 @@ the number of trials at once is capped by what their workers need (``trial_plan`
 start and wait."""
 
 
-def _capacity(cfg: Config) -> tuple[int, float]:
-    """(what one training needs, what the cluster has) of the resource trials are limited by."""
-    import ray
-
-    res = ray.cluster_resources()
-    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and res.get("GPU", 0) > 0):
-        per_run, have = cfg.train.workers, res.get("GPU", 0)
-    else:
-        per_run, have = cfg.train.workers * cfg.train.cpus_per_worker, res.get("CPU", 1)
-    if have < per_run:
-        raise ConfigError(f"train.workers: a trial needs {per_run} of a resource the cluster has {have:g} of; "
-                          "lower train.workers or train.cpus_per_worker")
-    return per_run, have
-
-
 def trial_plan(cfg: Config, requested: int | None = None) -> tuple[bool, int]:
     """(whether a trial's k > 1 fold trainings run one after another, how many trials run at once). Each training
-    needs train.workers x cpus_per_worker CPUs (or workers GPUs); a trial's folds run side by side when the
-    cluster holds all k at once, else in sequence; ``requested`` (search.max_concurrent) overrides the count."""
-    per_run, have = _capacity(cfg)
+    needs train.workers workers (of cpus_per_worker CPUs, and a GPU where workers ask for one); what the cluster
+    holds is read from the node types its autoscaler can start, not only the nodes up now (``pipeline.cluster``);
+    a trial's folds run side by side when the cluster holds all k at once, else in sequence; ``requested``
+    (search.max_concurrent) overrides the count. Says so when the autoscaler has nodes to start first."""
+    from pipeline import cluster as cluster_mod
+
+    cluster = cluster_mod.inspect(cfg)
+    cluster_mod.check_fits(cfg, cluster)
+    have = cluster.workers_that_fit(cluster_mod.worker_need(cfg, cluster_mod.use_gpu(cfg, cluster)))
+    per_run = cfg.train.workers
     side_by_side = have >= per_run * cfg.tune.folds
     in_sequence = cfg.tune.folds > 1 and not side_by_side
-    return in_sequence, requested or max(1, int(have // (per_run * (cfg.tune.folds if side_by_side else 1))))
+    at_once = requested or max(1, have // (per_run * (cfg.tune.folds if side_by_side else 1)))
+    cluster_mod.announce(cfg, cluster, runs=at_once * (cfg.tune.folds if side_by_side else 1))
+    return in_sequence, at_once
 
 
 def tuner(trial: Callable[..., None], ctx: TrialContext, space: dict[str, Any], progress: bool,

@@ -6,6 +6,7 @@ Kept apart from the stream so that the served model needs torchvision alone, not
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -46,6 +47,13 @@ def train_min_area(aug: AugmentConfig, image_size: int) -> float:
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """A uint8 batch (N, 3, H, W) -> float32 normalised with ImageNet's mean and std, on the batch's device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return images.to(torch.float32).mul_(1.0 / (255.0 * std)).sub_(mean / std)
+    scale, shift = _normalizer(images.device)
+    return images.to(torch.float32).mul_(scale).sub_(shift)
+
+
+@functools.lru_cache(maxsize=8)
+def _normalizer(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 / (255 std), mean / std) on a device, made once per device rather than at every step."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    return 1.0 / (255.0 * std), mean / std

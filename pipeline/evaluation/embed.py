@@ -32,12 +32,13 @@ def embed_split(model: torch.nn.Module, manifest: dict, root: str, split: str = 
     device = model_device(model)
     source = SplitImages(manifest, root, split, image_size=image_size, classes=classes, verify=verify)
     # Its own generator: an evaluation inside training (rank 0's validation) must not draw from the training RNG.
-    data = DataLoader(source, batch_size=batch_size, generator=torch.Generator())
+    cuda = device.type == "cuda"  # pinned host memory: the copy to the GPU overlaps the next batch's decoding
+    data = DataLoader(source, batch_size=batch_size, generator=torch.Generator(), pin_memory=cuda)
     embs, labels, keys = [], [], []
     with tqdm(total=split_size(manifest, split, classes), desc=f"embed {split}", unit="img",
               disable=None if progress else True) as bar:
         for images, cls, key in data:
-            emb, _ = model(images.to(device))
+            emb, _ = model(images.to(device, non_blocking=cuda))
             embs.append(emb.float().cpu().numpy())
             labels.append(cls.numpy())
             keys += list(key)

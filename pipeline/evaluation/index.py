@@ -48,12 +48,21 @@ def faiss_gpu_problem() -> str | None:
 
         if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
             return "faiss has no GPU support here (install the extra 'gpu': faiss-gpu)"
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, faiss.IndexFlatIP(4))
+        index = faiss.index_cpu_to_gpu(gpu_resources(), torch.cuda.current_device(), faiss.IndexFlatIP(4))
         index.add(np.eye(4, dtype=np.float32))
         index.search(np.eye(4, dtype=np.float32), 1)
     except Exception as err:  # noqa: BLE001 - any failure to load or run means: do not use it
         return f"faiss-gpu failed beside torch ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
     return None
+
+
+@lru_cache(maxsize=1)
+def gpu_resources():
+    """FAISS's GPU scratch memory and streams, made once per process (each ``StandardGpuResources`` reserves its
+    own)."""
+    import faiss
+
+    return faiss.StandardGpuResources()
 
 
 def select_backend(device: str | torch.device = "cpu", k: int = 1, requested: str = "auto") -> str:
@@ -105,7 +114,9 @@ def flat_index(x: np.ndarray, device: str | torch.device = "cpu", k: int = 1, ba
 
     index = faiss.IndexFlatIP(x.shape[1])
     if chosen == "faiss-gpu":
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+        device = torch.device(device)  # the evaluating rank's own GPU, its resources made once
+        index = faiss.index_cpu_to_gpu(gpu_resources(), device.index if device.index is not None else
+                                       torch.cuda.current_device(), index)
     index.add(np.ascontiguousarray(x, dtype=np.float32))
     return index
 

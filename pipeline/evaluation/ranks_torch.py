@@ -10,9 +10,11 @@ Same definition and same numbers as the CPU engine (``evaluation.ranks``):
   a score farther than that from a threshold decides alone (the thresholds are rounded outwards to float32,
   which only widens the band), the rest are recomputed exactly; ties go to the lower index.
 
-Every score is compared with every relevant item's threshold (one pass per relevant-item slot), so a class of
-thousands of images costs as many passes; DML test sets have classes of up to a few hundred. Memory: the
-embeddings on the device plus one ``rows x cols`` block and its masks (about 2 GB at 4096 x 65536).
+Each block of scores is compared once with its row's lowest threshold: only the candidates above it can be ahead
+of, or near, one of the row's relevant items, and only they are compared with every relevant item's threshold
+(in chunks). For a trained embedding the relevant items rank high and the candidates are a small share of the
+block. Memory: the embeddings on the device plus one ``rows x cols`` block and its candidate list (about 2 GB
+at 4096 x 65536).
 """
 
 from __future__ import annotations
@@ -68,11 +70,13 @@ def _float32_below(x: torch.Tensor) -> torch.Tensor:
 
 def relevant_ranks_torch(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray | None = None,
                          gallery_labels: np.ndarray | None = None, device: str | torch.device = "cuda",
-                         block_rows: int = 4096, block_cols: int = 65536, progress: bool = False
-                         ) -> tuple[np.ndarray, np.ndarray]:
+                         block_rows: int = 4096, block_cols: int = 65536, progress: bool = False,
+                         candidates_first: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(ranks, R) exactly as ``evaluation.ranks.relevant_ranks`` gives them, computed on ``device``.
 
     ``ranks[i, k]`` is the 1-based rank of query i's k-th relevant item (columns ``k >= R[i]`` are padding).
+    ``candidates_first=False``: every score against every slot's thresholds (the engine before the candidate
+    filter, kept as the benchmark's peer and the tests' reference).
     """
     device = torch.device(device)
     self_search = gallery is None
@@ -118,6 +122,7 @@ def relevant_ranks_torch(query: np.ndarray, labels: np.ndarray, gallery: np.ndar
     lo = torch.where(live, _float32_below(T - eps[:, None]), inf)  # below: certainly not ahead
 
     ahead = torch.zeros((n, width), dtype=torch.int64, device=device)
+    floor = lo.min(dim=1).values  # a score below a row's lowest threshold is neither ahead of nor near any slot
     blocks = [(r0, c0) for r0 in range(0, n, block_rows) for c0 in range(0, len(G), block_cols)]
     with _ieee_float32_matmul():
         for r0, c0 in tqdm(blocks, desc="rank relevant items", unit="block", disable=None if progress else True):
@@ -126,17 +131,26 @@ def relevant_ranks_torch(query: np.ndarray, labels: np.ndarray, gallery: np.ndar
             if self_search and r0 < c1 and c0 < r1:  # a query is not its own reference
                 own = torch.arange(max(r0, c0), min(r1, c1), device=device)
                 S[own - r0, own - c0] = float("-inf")
-            band = torch.zeros_like(S, dtype=torch.bool)
-            for k in range(width):
-                ahead[r0:r1, k] += (S > hi[r0:r1, k:k + 1]).sum(dim=1)
-                band |= (S >= lo[r0:r1, k:k + 1]) & (S <= hi[r0:r1, k:k + 1])
-            local_rows, local_cols = band.nonzero(as_tuple=True)
-            if len(local_rows) == 0:
-                continue
-            rows, cols = local_rows + r0, local_cols + c0
-            s = S[local_rows, local_cols]
-            exact = exact_dots(q, g, rows, cols)
-            within = (s[:, None] >= lo[rows]) & (s[:, None] <= hi[rows])
-            beats = (exact[:, None] > T[rows]) | ((exact[:, None] == T[rows]) & (cols[:, None] < P[rows]))
-            ahead.index_add_(0, rows, (within & beats).long())
+            if not candidates_first:
+                band = torch.zeros_like(S, dtype=torch.bool)
+                for k in range(width):
+                    ahead[r0:r1, k] += (S > hi[r0:r1, k:k + 1]).sum(dim=1)
+                    band |= (S >= lo[r0:r1, k:k + 1]) & (S <= hi[r0:r1, k:k + 1])
+                hits = band.nonzero(as_tuple=True)  # what is left: the band, recomputed exactly below
+            else:
+                hits = (S >= floor[r0:r1, None]).nonzero(as_tuple=True)  # one pass over the block
+            local_rows, local_cols = hits
+            for p0 in range(0, len(local_rows), _PAIRS_PER_CHUNK):  # then only the candidates, slot by slot
+                lr, lc = local_rows[p0:p0 + _PAIRS_PER_CHUNK], local_cols[p0:p0 + _PAIRS_PER_CHUNK]
+                rows, cols, s = lr + r0, lc + c0, S[lr, lc][:, None]
+                if candidates_first:
+                    ahead.index_add_(0, rows, (s > hi[rows]).long())
+                within = (s >= lo[rows]) & (s <= hi[rows])
+                near = within.any(dim=1)
+                if not near.any():
+                    continue
+                rows, cols, within = rows[near], cols[near], within[near]
+                exact = exact_dots(q, g, rows, cols)[:, None]
+                beats = (exact > T[rows]) | ((exact == T[rows]) & (cols[:, None] < P[rows]))
+                ahead.index_add_(0, rows, (within & beats).long())
     return (ahead + 1).cpu().numpy(), R

@@ -233,14 +233,17 @@ def _tie_cases():
     return [(emb, labels, None, None), (emb, labels, g, gl), (eye, eye_labels, None, None)]
 
 
+@pytest.mark.parametrize("candidates_first", [True, False])
 @pytest.mark.parametrize("case", range(3))
-def test_torch_rank_engine_equals_the_cpu_engine_on_ties(case):
-    """The GPU engine's code, run on the CPU here (and on CUDA by the gpu tests): the same ranks, bit for bit."""
+def test_torch_rank_engine_equals_the_cpu_engine_on_ties(case, candidates_first):
+    """The GPU engine's code, run on the CPU here (and on CUDA by the gpu tests): the same ranks, bit for bit, with
+    the candidate filter and without it (every score against every slot: the engine before the filter)."""
     from pipeline.evaluation.ranks_torch import relevant_ranks_torch
 
     emb, labels, g, gl = _tie_cases()[case]
     cpu, r = relevant_ranks(emb, labels, g, gl, block=64)
-    torch_ranks, r_torch = relevant_ranks_torch(emb, labels, g, gl, device="cpu", block_rows=64, block_cols=96)
+    torch_ranks, r_torch = relevant_ranks_torch(emb, labels, g, gl, device="cpu", block_rows=64, block_cols=96,
+                                                candidates_first=candidates_first)
     valid = np.arange(cpu.shape[1])[None, :] < r[:, None]
     assert np.array_equal(r, r_torch) and np.array_equal(cpu[valid], torch_ranks[valid])
     ks = (1, 2, 5, 50)

@@ -4,6 +4,7 @@
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -136,21 +137,48 @@ def _free_ports(n: int) -> list[int]:
             sock.close()
 
 
+def _autoscaling_config(path: Path, gcs: int) -> Path:
+    """The shape of ray_cluster.yaml on Ray's fake multi-node provider (worker nodes are local processes): a head
+    with no CPU, and worker types started from zero - one of 4 CPUs, one labelled with a GPU - by the real
+    autoscaler, on the loopback."""
+    nothing: dict = {}
+    config = {
+        "cluster_name": "gdml-test", "max_workers": 2, "upscaling_speed": 1.0, "idle_timeout_minutes": 5,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": f"127.0.0.1:{gcs}"},
+        "auth": nothing, "docker": nothing, "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "max_workers": 0, "node_config": nothing},
+            "cpu_worker": {"resources": {"CPU": 4}, "min_workers": 0, "max_workers": 1, "node_config": nothing},
+            "gpu_worker": {"resources": {"CPU": 1, "GPU": 1}, "min_workers": 0, "max_workers": 1,
+                           "node_config": nothing}},
+        "file_mounts": nothing, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
+        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @contextlib.contextmanager
-def _ray_head(tmp_dir: str):
-    """A local Ray head (127.0.0.1, its own temp dir and free ports, so that another Ray session on the machine
-    does not hold them) for as long as the block runs: ``ray start --block`` stops every process it started when
-    it is terminated, and leaves other Ray sessions alone."""
+def _autoscaling_cluster(tmp_dir: str, config_dir: Path):
+    """A local autoscaling Ray cluster (head with no CPU, workers from zero; 127.0.0.1, its own temp dir and free
+    ports, so that another Ray session on the machine does not hold them) for as long as the block runs:
+    ``ray start --block`` stops every process it started when it is terminated, and leaves other Ray sessions
+    alone. Yields (the Jobs API address, the GCS address, the autoscaling config file)."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
     port, gcs, agent, agent_grpc, runtime_env, metrics = _free_ports(6)
-    # 4 logical CPUs on 2 cores: both trials (2 fold trainings of 1 worker each) at once, their start-ups overlap
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=4",
-                             f"--temp-dir={tmp_dir}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={port}", f"--port={gcs}", f"--dashboard-agent-listen-port={agent}",
-                             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-                             f"--metrics-export-port={metrics}", "--disable-usage-stats"],
+    config = _autoscaling_config(config_dir / "cluster.yaml", gcs)
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=0",
+                             f"--autoscaling-config={config}", f"--temp-dir={tmp_dir}", "--include-dashboard=true",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", f"--port={gcs}",
+                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+                             "--disable-usage-stats"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                                 "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
     # (the head's environment is the jobs' one: `python` is this environment's, as on a cluster set up for gdml)
     try:
         deadline = time.monotonic() + 120
@@ -162,43 +190,81 @@ def _ray_head(tmp_dir: str):
                 pass
             assert head.poll() is None and time.monotonic() < deadline, "the Ray head did not start"
             time.sleep(1)
-        yield f"http://127.0.0.1:{port}", f"127.0.0.1:{gcs}"
+        yield f"http://127.0.0.1:{port}", f"127.0.0.1:{gcs}", config
     finally:
         stop_process_group(head, timeout=60)  # `ray start --block` stops what it started; the group, whatever is left
+
+
+def _submit(address: str, gcs: str, *command: str, upload: bool = False) -> subprocess.CompletedProcess:
+    """``ray job submit`` of a command to the cluster, as ``ray submit`` does (gdml installed on every node, as
+    ray_cluster.yaml's set-up installs it), or with ``upload`` this checkout as the job's ``--working-dir``. (Only a
+    job that starts no worker node uploads: the fake nodes share one session directory on this machine, so a node
+    unpacking the package again pulls the driver's working directory from under it, which real nodes never do.)"""
+    # RAY_ADDRESS for the job's processes: Ray Train's placement-group cleaner otherwise looks for "the"
+    # cluster on this machine, and finds none it can choose where another Ray session runs beside it
+    env_vars = json.dumps({"env_vars": {"RAY_ADDRESS": gcs}})
+    where = ["--working-dir", str(REPO)] if upload else []
+    for _ in range(15):  # the head's job agent comes up a little after its dashboard
+        proc = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", address,
+                               *where, "--runtime-env-json", env_vars, "--", *command],
+                              capture_output=True, text=True, timeout=840)
+        if "No available agent to submit job" not in proc.stderr:
+            return proc
+        time.sleep(2)
+    return proc
 
 
 @pytest.mark.full
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.timeout(600)
-def test_a_two_trial_optuna_sweep_on_two_folds_submitted_through_the_ray_jobs_api(tmp_path, tiny_shards,
-                                                                                   no_shared_ray):
-    """What ``ray submit`` / ``ray job submit --working-dir`` does on a cluster, against a local head: a seeded
-    Optuna sweep whose trials are scored by the mean over 2 class-disjoint folds, then the final retrain and test.
+def test_a_sweep_submitted_to_an_autoscaling_cluster_scales_it_up_from_zero_and_finishes(tmp_path, tiny_shards,
+                                                                                      no_shared_ray):
+    """What ``ray submit`` / ``ray job submit --working-dir`` does on a cluster shaped like ray_cluster.yaml (a head
+    with no CPU, workers from zero), on Ray's real autoscaler: a seeded Optuna sweep whose trials are scored by the
+    mean over 2 class-disjoint folds asks for its nodes, waits for them, and finishes with the final retrain and
+    test. On the same cluster: a run on a GPU node type asks a GPU per worker and, where torch cannot use the GPU
+    Ray assigned (the GPU is a label here), stops in one line; a run no node type can hold fails before any work.
     (Two trials: the fewest that still make a best one among several.)"""
     import shutil
     import tempfile
+    from concurrent.futures import ThreadPoolExecutor
 
     path = _write_sweep(tmp_path, tiny_shards, algorithm="optuna", num_samples=2, asha=None, space={
         "model.adversary.weight": {"type": "loguniform", "low": 0.01, "high": 1.0}})
+    base = yaml.safe_load(path.read_text())["set"]
+    train = ["gdml", "train", *(a for k, v in base.items() if k != "train.val_fraction"
+                                for a in ("--set", f"{k}={json.dumps(v)}"))]
     ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
     try:
-        with _ray_head(ray_tmp) as (address, gcs):
-            # RAY_ADDRESS for the job's processes: Ray Train's placement-group cleaner otherwise looks for "the"
-            # cluster on this machine, and finds none it can choose where another Ray session runs beside it
-            env_vars = json.dumps({"env_vars": {"RAY_ADDRESS": gcs}})
-            for _ in range(15):  # the head's job agent comes up a little after its dashboard
-                proc = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--address",
-                                       address, "--working-dir", str(REPO), "--runtime-env-json", env_vars,
-                                       "--", "python", "tuning/sweep.py", "--config", str(path),
-                                       "--set", "tune.folds=2", "--set", "train.val_fraction=0",
-                                       "--set", "train.epochs=1"],
-                                      capture_output=True, text=True, timeout=840)
-                if "No available agent to submit job" not in proc.stderr:
-                    break
-                time.sleep(2)
+        with _autoscaling_cluster(ray_tmp, tmp_path) as (address, gcs, config):
+            where = ["--set", f"train.cluster_file={config}"]
+            with ThreadPoolExecutor(3) as pool:  # side by side: the sweep's nodes and the GPU node are distinct
+                never = pool.submit(_submit, address, gcs, *train, *where, "--set", "train.device=cpu",
+                                    "--set", "train.workers=6", upload=True)
+                sweep_job = pool.submit(_submit, address, gcs, "python", str(REPO / "tuning" / "sweep.py"),
+                                        "--config", str(path), *where, "--set", "tune.folds=2",
+                                        "--set", "train.val_fraction=0", "--set", "train.epochs=1",
+                                        "--set", "train.device=cpu")
+                gpu = pool.submit(_submit, address, gcs, *train, *where, "--set", "train.workers=1",
+                                  "--set", "train.max_failures=0", "--set", "train.name=on-a-gpu-node",
+                                  "--set", f"tracking.uri=sqlite:///{tmp_path / 'gpu.db'}")  # (not the sweep's)
+                never, proc, gpu = never.result(), sweep_job.result(), gpu.result()
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    # more workers than the node types can ever hold: one line before any work, naming the key
+    assert never.returncode != 0 and "gdml: config error: train.workers: 6 workers of 1 CPU each, but the cluster " \
+        f"holds 5 at most (the node types of {config}); lower train.workers" in never.stdout, never.stdout[-3000:]
+    assert "training on" not in never.stdout
+    # train.device=auto on a cluster that can start GPU nodes: one GPU per worker, a GPU node started for it, and
+    # the worker's torch (no CUDA here) refuses the GPU it was given in one line instead of training on the CPU
+    assert gpu.returncode != 0 and "Ray gave this worker 1 GPU(s), but torch" in gpu.stdout, gpu.stdout[-3000:]
+    assert "training on-a-gpu-node failed" in gpu.stdout
+    assert "set train.device=cpu to train on the CPU" in gpu.stdout and "training on cpu" not in gpu.stdout
+    # the sweep: nothing to run on at submit, so it said what it asked the autoscaler for, and then ran
+    # (up now: nothing, or the GPU node if the run beside it got it started first)
+    assert re.search(r"gdml: waiting for the autoscaler to start nodes: 4 worker\(s\) of 1 CPU each; up now: "
+                     r"(nothing|1 CPU, 1 GPU) \(the most: 5 CPU, 1 GPU, the node types of ", proc.stdout), proc.stdout
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "succeeded" in proc.stdout and "2 trials" in proc.stdout and "(2 folds each)" in proc.stdout
     assert "mean ± standard error over 2 class-disjoint folds" in proc.stdout
