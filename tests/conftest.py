@@ -56,8 +56,12 @@ TINY = {
     "model.adversary.hidden": 32,
     "train.epochs": 1,
     "train.cpus_per_worker": 1,
-    "tracking.system_metrics_interval": 0.1,  # system-metric curves (several samples) even in a run of seconds
+    "tracking.system_metrics": "false",  # on only where a test looks at them (SYSTEM_METRICS)
 }
+
+
+SYSTEM_METRICS = {"tracking.system_metrics": "true", "tracking.system_metrics_interval": 0.1}
+"""System metrics sampled often enough to draw curves (several samples) even in a run of seconds."""
 
 
 def tiny_config(tmp: Path, **overrides: object) -> Config:
@@ -288,7 +292,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_shards: Path, mlflow_
 
     tmp = tmp_path_factory.mktemp("trained")
     cfg = tiny_config(tmp, **{"data.root": str(tiny_shards), "train.epochs": TRAINED_EPOCHS,
-                              "train.name": "straight", "tracking.uri": mlflow_server.uri})
+                              "train.name": "straight", "tracking.uri": mlflow_server.uri, **SYSTEM_METRICS})
     return Trained(train_and_evaluate(cfg, local=True, progress=False), cfg, tmp)
 
 

@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import cli
-from tests.conftest import TINY, cli_args
+from tests.conftest import SYSTEM_METRICS, TINY, cli_args
 from tests.test_train import check_view
 
 
@@ -16,7 +16,7 @@ from tests.test_train import check_view
 @pytest.mark.timeout(300)
 def test_shrunken_demo_prints_both_variants_and_logs_two_runs(tmp_path, tiny_shards, monkeypatch, capsys,
                                                               shared_ray):
-    overrides = {**TINY, "data.root": str(tiny_shards), "train.storage_path": str(tmp_path / "ray"),
+    overrides = {**TINY, **SYSTEM_METRICS, "data.root": str(tiny_shards), "train.storage_path": str(tmp_path / "ray"),
                  "train.max_steps_per_epoch": 2}
     monkeypatch.chdir(tmp_path)  # the demo's default MLflow store: ./mlflow.db
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

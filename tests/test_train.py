@@ -68,7 +68,10 @@ def check_view(client, run, held_out: int):
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
         assert tags["mlflow.source.git.commit"] == head.stdout.strip()
     system = {k for k in run.data.metrics if k.startswith("system/")}
-    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
+    if run.data.params["tracking.system_metrics"] == "True":
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
+    else:
+        assert not system
 
 
 @pytest.mark.slow
@@ -195,7 +198,8 @@ def test_a_pair_loss_and_a_proxy_loss_train_and_evaluate_end_to_end(tiny_cfg, lo
     from pipeline import config as config_mod
 
     cfg = config_mod.with_values(tiny_cfg, {"loss.name": loss_name, "train.max_steps_per_epoch": 2,
-                                            "train.name": f"loss-{loss_name}", "tracking.system_metrics": False})
+                                            "train.name": f"loss-{loss_name}"})
+    assert not cfg.tracking.system_metrics
     result = train_and_evaluate(cfg, local=True, progress=False, plots=False)
     assert set(result.metrics) == METRICS
     run = MlflowClient(result.tracking_uri).get_run(result.run_id)

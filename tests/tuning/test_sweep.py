@@ -342,6 +342,10 @@ def test_asha_stops_a_trial_at_its_first_rung_and_the_stopped_trial_trains_no_fu
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val/recall_at_1")] == epochs
         latest = load_latest(base.train.storage_path, run.data.tags["gdml.run_name"])
         assert latest is not None and latest[1]["epoch"] == epochs[-1]
+    # a trial's data sets: the training classes it trained on and the held-out ones it was scored on
+    inputs = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): json.loads(d.dataset.profile)
+              for d in kept.inputs.dataset_inputs}
+    assert {k: v["classes"] for k, v in inputs.items()} == {"training": 18, "validation": 6}  # 24 x 0.25 held out
 
 
 def test_set_values_keep_their_yaml_types(tmp_path, tiny_shards):
