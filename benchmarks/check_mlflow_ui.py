@@ -97,12 +97,14 @@ def check(store: str, experiment: str, screenshots: Path | None = None, run_ids:
             screenshots.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshots / f"{name}.png"), full_page=True)
 
-    def curves(page, what: str) -> None:
-        """A chart drew a curve (Plotly's ``.js-line``: two samples or more), not a spinner or a single bar."""
+    def curves(page, what: str, samples: int) -> None:
+        """A chart drew its data: a curve (Plotly's ``.js-line``) where the run has two samples or more, else the
+        one sample's bar; not a spinner."""
+        selector, drawn = ("path.js-line", "a curve") if samples >= 2 else (".main-svg .trace path", "its sample")
         try:
-            page.locator("path.js-line").first.wait_for(state="visible", timeout=TIMEOUT_MS)
+            page.locator(selector).first.wait_for(state="visible", timeout=TIMEOUT_MS)
         except Exception:  # noqa: BLE001
-            missing.append(f"{what}: no chart drew a curve")
+            missing.append(f"{what}: no chart drew {drawn}")
 
     def shows(page, text: str, what: str) -> bool:
         try:
@@ -132,11 +134,13 @@ def check(store: str, experiment: str, screenshots: Path | None = None, run_ids:
             page.goto(f"{base}/runs/{run.info.run_id}/model-metrics?{VIEW}")
             page.get_by_placeholder("Search metric charts").fill("loss_dml")  # the charts are drawn as they scroll in
             if shows(page, "loss_dml", f"run {run.info.run_name}, model metrics"):
-                curves(page, f"run {run.info.run_name}, model metrics")
+                curves(page, f"run {run.info.run_name}, model metrics",
+                       len(client.get_metric_history(run.info.run_id, "loss_dml")))
             shot(page, "run-metrics")
             page.goto(f"{base}/runs/{run.info.run_id}/system-metrics?{VIEW}")
             if shows(page, "cpu_utilization_percentage", f"run {run.info.run_name}, system metrics"):
-                curves(page, f"run {run.info.run_name}, system metrics")
+                curves(page, f"run {run.info.run_name}, system metrics",
+                       len(client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")))
             shot(page, "run-system-metrics")
 
             plots = [a.path for a in client.list_artifacts(run.info.run_id, "plots") if a.path.endswith(".png")]
