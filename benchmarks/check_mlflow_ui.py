@@ -27,7 +27,6 @@ import urllib.request
 from pathlib import Path
 
 TIMEOUT_MS = 60_000
-VIEW = "workflowType=machine_learning"  # MLflow 3's model-training view (not its GenAI one)
 
 
 def chromium() -> str | None:
@@ -76,6 +75,8 @@ def check(store: str, experiment: str, screenshots: Path | None = None, run_ids:
     ``mlflow ui``) or the URL of a running tracking server (its UI is used); ``run_ids``: only these runs."""
     from mlflow.tracking import MlflowClient
     from playwright.sync_api import sync_playwright
+
+    from pipeline.tracking import VIEW  # MLflow 3's model-training view, as gdml's printed links open it
 
     client = MlflowClient(store)
     exp = client.get_experiment_by_name(experiment)

@@ -91,11 +91,11 @@ def check_fits(cfg: Config, cluster: Cluster, runs: int = 1) -> bool:
     if cfg.train.device == "cuda" and not cluster.most.get("GPU"):
         raise ConfigError(f"train.device: cuda was asked for, but the Ray cluster has no GPU ({cluster.source}); "
                           "set train.device=auto or cpu")
-    if not cluster.workers_that_fit(need):
+    fit = cluster.workers_that_fit(need)
+    if not fit:
         key = "train.cpus_per_worker" if any(r.get("CPU", 0) for r, _ in cluster.nodes) else "train.workers"
         raise ConfigError(f"{key}: a worker needs {_text(need)}, more than any node of the cluster has "
                           f"({cluster.source}); lower {key}" + (" or set train.device=cpu" if gpu else ""))
-    fit = cluster.workers_that_fit(need)
     if fit < cfg.train.workers:
         raise ConfigError(f"train.workers: {cfg.train.workers} workers of {_text(need)} each, but the cluster holds "
                           f"{fit} at most ({cluster.source}); lower train.workers")

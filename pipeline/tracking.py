@@ -36,7 +36,7 @@ from pipeline.errors import GdmlError
 PARAM_LIMIT = 6000  # MLflow's longest parameter value
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 """Opens gdml's experiments in MLflow 3's model-training view (not its GenAI traces view)."""
-RUNS_VIEW = "runs?workflowType=machine_learning"
+VIEW = "workflowType=machine_learning"
 JOURNAL = "tracking-journal.jsonl"
 WORKER_JOURNAL = "tracking-journal-worker.jsonl"
 
@@ -109,7 +109,7 @@ def browse_hint(uri: str, experiment: str, run_id: str | None = None) -> str:
     and for a local store the command that serves it first."""
     exp = _client(uri).get_experiment_by_name(experiment)
     where = f"experiments/{exp.experiment_id}/" if exp is not None else ""
-    page = f"{where}runs/{run_id}?{RUNS_VIEW.split('?')[1]}" if run_id and where else f"{where}{RUNS_VIEW}"
+    page = f"{where}runs/{run_id}?{VIEW}" if run_id and where else f"{where}runs?{VIEW}"
     if _is_local_store(uri):
         return f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/#/{page}"
     return f"open {uri.rstrip('/')}/#/{page}"
