@@ -67,13 +67,13 @@ class RayConsole:
         original = ray_worker.print_worker_logs
         if getattr(original, "_gdml", False):
             return
-        if not interactive():
-            os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # a log file gets no colour codes
 
         def route(data: dict, print_file: Any, ignore_prefix: bool = False) -> None:
             lines = data.get("lines", [])
             if cls.verbose:
                 return original(data, print_file, ignore_prefix)
+            if not interactive():  # a log file gets no colour codes (Ray reads this as it prints each batch)
+                os.environ.setdefault("RAY_COLOR_PREFIX", "0")
             shown = [line for line in lines if RAY_TQDM_MAGIC in line or "gdml:" in line]
             hidden = [line for line in lines if line not in shown]
             if hidden and cls.log_path is not None:
