@@ -8,8 +8,9 @@ at most 0.5) and checks that the deterministic metrics are identical. gdml runs 
 (``ranks`` on a CPU machine); ``--engine knn`` times the FAISS k-NN engine instead.
 
 With ``--rank-engine``: instead, the torch rank engine (the GPU's, run on the CPU here) with its candidate filter
-against the same code comparing every score with every relevant item's thresholds (the engine before the
-filter), on 100,000 x 128 embeddings of the same kind (``--quick``: 30,000 x 128); the ranks must be identical.
+and symmetric blocks against the same code comparing every score with every relevant item's thresholds over the
+whole matrix (the engine before both), on 100,000 x 128 embeddings of the same kind (``--quick``: 30,000 x 128);
+the ranks must be identical.
 
     .venv/bin/python benchmarks/bench_metrics.py [--quick | --smoke] [--rank-engine]
 """

@@ -13,13 +13,15 @@ Same definition and same numbers as the CPU engine (``evaluation.ranks``):
 Each block of scores is compared once with its row's lowest threshold: only the candidates above it can be ahead
 of, or near, one of the row's relevant items, and only they are compared with every relevant item's threshold
 (in chunks). For a trained embedding the relevant items rank high and the candidates are a small share of the
-block. Memory: the embeddings on the device plus one ``rows x cols`` block and its candidate list (about 2 GB
-at 4096 x 65536).
+block. A set searched against itself computes each off-diagonal block once and scans it for both sides. Memory:
+the embeddings on the device plus one ``rows x cols`` block (self-search: a square one of as many scores) and its
+candidate list (about 2 GB at 4096 x 65536).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -123,7 +125,41 @@ def relevant_ranks_torch(query: np.ndarray, labels: np.ndarray, gallery: np.ndar
 
     ahead = torch.zeros((n, width), dtype=torch.int64, device=device)
     floor = lo.min(dim=1).values  # a score below a row's lowest threshold is neither ahead of nor near any slot
-    blocks = [(r0, c0) for r0 in range(0, n, block_rows) for c0 in range(0, len(G), block_cols)]
+
+    def scan(S: torch.Tensor, r0: int, c0: int) -> None:
+        """Count, for rows r0.. of the block S (against columns c0..), the items ahead of each relevant one."""
+        r1 = r0 + S.shape[0]
+        if not candidates_first:
+            band = torch.zeros_like(S, dtype=torch.bool)
+            for k in range(width):
+                ahead[r0:r1, k] += (S > hi[r0:r1, k:k + 1]).sum(dim=1)
+                band |= (S >= lo[r0:r1, k:k + 1]) & (S <= hi[r0:r1, k:k + 1])
+            hits = band.nonzero(as_tuple=True)  # what is left: the band, recomputed exactly below
+        else:
+            hits = (S >= floor[r0:r1, None]).nonzero(as_tuple=True)  # one pass over the block
+        local_rows, local_cols = hits
+        for p0 in range(0, len(local_rows), _PAIRS_PER_CHUNK):  # then only the candidates, slot by slot
+            lr, lc = local_rows[p0:p0 + _PAIRS_PER_CHUNK], local_cols[p0:p0 + _PAIRS_PER_CHUNK]
+            rows, cols, s = lr + r0, lc + c0, S[lr, lc][:, None]
+            if candidates_first:
+                ahead.index_add_(0, rows, (s > hi[rows]).long())
+            within = (s >= lo[rows]) & (s <= hi[rows])
+            near = within.any(dim=1)
+            if not near.any():
+                continue
+            rows, cols, within = rows[near], cols[near], within[near]
+            exact = exact_dots(q, g, rows, cols)[:, None]
+            beats = (exact > T[rows]) | ((exact == T[rows]) & (cols[:, None] < P[rows]))
+            ahead.index_add_(0, rows, (within & beats).long())
+
+    # A query set searched against itself has a symmetric score matrix: each square block off the diagonal is
+    # computed once and scanned for its rows and, transposed, for its columns' rows (square blocks of the same size).
+    symmetric = self_search and candidates_first
+    if symmetric:
+        side = block_rows = block_cols = math.isqrt(block_rows * block_cols)
+        blocks = [(r0, c0) for r0 in range(0, n, side) for c0 in range(r0, n, side)]
+    else:
+        blocks = [(r0, c0) for r0 in range(0, n, block_rows) for c0 in range(0, len(G), block_cols)]
     with _ieee_float32_matmul():
         for r0, c0 in tqdm(blocks, desc="rank relevant items", unit="block", disable=None if progress else True):
             r1, c1 = min(n, r0 + block_rows), min(len(G), c0 + block_cols)
@@ -131,26 +167,7 @@ def relevant_ranks_torch(query: np.ndarray, labels: np.ndarray, gallery: np.ndar
             if self_search and r0 < c1 and c0 < r1:  # a query is not its own reference
                 own = torch.arange(max(r0, c0), min(r1, c1), device=device)
                 S[own - r0, own - c0] = float("-inf")
-            if not candidates_first:
-                band = torch.zeros_like(S, dtype=torch.bool)
-                for k in range(width):
-                    ahead[r0:r1, k] += (S > hi[r0:r1, k:k + 1]).sum(dim=1)
-                    band |= (S >= lo[r0:r1, k:k + 1]) & (S <= hi[r0:r1, k:k + 1])
-                hits = band.nonzero(as_tuple=True)  # what is left: the band, recomputed exactly below
-            else:
-                hits = (S >= floor[r0:r1, None]).nonzero(as_tuple=True)  # one pass over the block
-            local_rows, local_cols = hits
-            for p0 in range(0, len(local_rows), _PAIRS_PER_CHUNK):  # then only the candidates, slot by slot
-                lr, lc = local_rows[p0:p0 + _PAIRS_PER_CHUNK], local_cols[p0:p0 + _PAIRS_PER_CHUNK]
-                rows, cols, s = lr + r0, lc + c0, S[lr, lc][:, None]
-                if candidates_first:
-                    ahead.index_add_(0, rows, (s > hi[rows]).long())
-                within = (s >= lo[rows]) & (s <= hi[rows])
-                near = within.any(dim=1)
-                if not near.any():
-                    continue
-                rows, cols, within = rows[near], cols[near], within[near]
-                exact = exact_dots(q, g, rows, cols)[:, None]
-                beats = (exact > T[rows]) | ((exact == T[rows]) & (cols[:, None] < P[rows]))
-                ahead.index_add_(0, rows, (within & beats).long())
+            scan(S, r0, c0)
+            if symmetric and c0 != r0:
+                scan(S.T, c0, r0)
     return (ahead + 1).cpu().numpy(), R
