@@ -74,7 +74,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     save_checkpoint(tmp / "ckpt", state, cfg, manifest["splits"]["train"]["classes"], {})
 
     images = []
-    for img, _, _ in SplitImages(manifest, cfg.data.root, "test", raw=True):
+    for img, _, _, _ in SplitImages(manifest, cfg.data.root, "test", raw=True):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         images.append(base64.b64encode(buf.getvalue()).decode())
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     # A realistic gallery: 10,000 embeddings of augmented emoji drawings (both splits), by the same model.
     torch.set_num_threads(2)
     augment = train_augment(cfg.augment, cfg.data.image_size)
-    raw = [img for split in ("train", "test") for img, _, _ in SplitImages(manifest, cfg.data.root, split, raw=True)]
+    raw = [img for split in ("train", "test") for img, _, _, _ in SplitImages(manifest, cfg.data.root, split, raw=True)]
     torch.manual_seed(0)
     model.eval()
     chunks = []

@@ -36,7 +36,7 @@ def gallery_from_split(checkpoint: str, split: str, data_root: str | None = None
     model, cfg, _ = load_model(checkpoint, inference_device())
     root = data_root or cfg.data.root
     manifest = shards.load_manifest(root)
-    emb, labels, keys = embed_split(model, manifest, root, split, cfg.eval.batch_size, cfg.data.image_size)
+    emb, labels, keys = embed_split(model, manifest, root, split, cfg.eval, cfg.data.image_size)
     names = {c["id"]: c["name"] for c in manifest["classes"]}
     return cfg, emb, [names.get(int(lab), str(lab)) for lab in labels], keys
 

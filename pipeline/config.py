@@ -294,6 +294,9 @@ class EvalConfig(_Section):
     """K of Recall@K (positive, at least one)."""
     batch_size: int = Field(256, ge=1)
     """Images per batch when embedding."""
+    loader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    """Processes decoding images while the model embeds; auto: on a GPU one per CPU beyond the first (at most 8
+    and one per shard), on the CPU none."""
     gap_images: int = Field(512, ge=0)
     """Every epoch, Recall@1 and MAP@R on a fixed sample of this many seen-class images beside held-out classes
     (the generalisation gap, ``gap/*``); 0: off."""

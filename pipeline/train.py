@@ -438,11 +438,11 @@ def validate(w: Worker) -> dict[str, float]:
     out = {}
     if w.val_classes:
         out = validation_metrics(w.module.embedder, w.manifest, w.cfg.data.root, w.val_classes, w.cfg.eval,
-                                 w.cfg.data.image_size, w.cfg.train.seed)
+                                 w.cfg.data.image_size, w.cfg.train.seed, w.run)
     if w.cfg.eval.gap_images:
         started = time.perf_counter()
         out.update(gap_metrics(w.module.embedder, w.manifest, w.cfg.data.root, w.cfg.eval, w.cfg.data.image_size,
-                               w.cfg.train.seed, w.val_classes, out))
+                               w.cfg.train.seed, w.val_classes, out, w.run))
         out["gap_seconds"] = time.perf_counter() - started  # what the diagnostic costs, beside epoch_seconds
     w.module.train()
     return out

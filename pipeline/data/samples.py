@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.data.transforms import eval_transform
 from pipeline.errors import GdmlError
@@ -157,7 +157,9 @@ def raw_samples(shards: list[tuple[str, str | None]], on_error: Callable[[Except
 
 
 class SplitImages(IterableDataset):
-    """Every image of a split once, in manifest order, for embedding (no augmentation)."""
+    """Every image of a split once, for embedding (no augmentation). Yields ``(image, class, key, place)``; in
+    loader workers each takes every n-th shard, and ``place`` (shard, position) puts the images back in manifest
+    order. Images that cannot be read are left out (and logged); a checksum mismatch raises."""
 
     def __init__(self, manifest: dict, root: str, split: str, raw: bool = False, image_size: int = 64,
                  classes: set[int] | None = None, verify: bool = True) -> None:
@@ -168,24 +170,25 @@ class SplitImages(IterableDataset):
         self.shards = [(shard_url(root, s["file"]), s.get("sha256") if verify else None) for s in shards]
         self.classes = classes
         self.transform = (lambda img: img) if raw else eval_transform(image_size)
-        self.skipped = 0
-        """Images (or shards) that could not be read or decoded: reported with the metrics."""
 
-    def _error(self, err: Exception) -> None:
+    @staticmethod
+    def _error(err: Exception) -> None:
         if isinstance(err, ShardChecksumError):
             raise err
-        self.skipped += 1
         log.warning("skipped unreadable data: %s", err)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor | Image.Image, int, str]]:
-        for sample in raw_samples(self.shards, self._error):
-            try:
-                img, cls = decode(sample)
-            except Exception as exn:  # noqa: BLE001
-                self.skipped += 1
-                log.warning("skipped %s: %s", sample.get("__key__"), exn)
-                continue
-            if self.classes is not None and cls not in self.classes:
-                continue
-            meta = json.loads(sample["json"]) if "json" in sample else {}
-            yield self.transform(img), cls, f"{meta.get('class', cls)}/{meta.get('image', sample['__key__'])}"
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | Image.Image, int, str, int]]:
+        info = get_worker_info()
+        first, step = (info.id, info.num_workers) if info else (0, 1)
+        for s in range(first, len(self.shards), step):
+            for position, sample in enumerate(raw_samples(self.shards[s:s + 1], self._error)):
+                try:
+                    img, cls = decode(sample)
+                except Exception as exn:  # noqa: BLE001
+                    log.warning("skipped %s: %s", sample.get("__key__"), exn)
+                    continue
+                if self.classes is not None and cls not in self.classes:
+                    continue
+                meta = json.loads(sample["json"]) if "json" in sample else {}
+                yield (self.transform(img), cls, f"{meta.get('class', cls)}/{meta.get('image', sample['__key__'])}",
+                       s << 32 | position)

@@ -50,25 +50,25 @@ def unseen_source(manifest: dict, validating: bool, max_images: int) -> str:
 
 
 def _subset_metrics(model: torch.nn.Module, manifest: dict, root: str, split: str, classes: set[int],
-                    ev: EvalConfig, image_size: int, seed: int) -> dict[str, float]:
-    emb, labels, _ = embed_split(model, manifest, root, split, ev.batch_size, image_size, classes=classes,
-                                 progress=False)
+                    ev: EvalConfig, image_size: int, seed: int, runtime=None) -> dict[str, float]:
+    emb, labels, _ = embed_split(model, manifest, root, split, ev, image_size, classes=classes, progress=False,
+                                 runtime=runtime)
     out = retrieval_metrics(emb, labels, (1,), seed, engine=ev.engine, device=model_device(model), with_nmi=False)
     return {k: out[k] for k in GAP_METRICS}
 
 
 def gap_metrics(model: torch.nn.Module, manifest: dict, root: str, ev: EvalConfig, image_size: int, seed: int,
-                val_classes: set[int], val_metrics: dict[str, float]) -> dict[str, float]:
+                val_classes: set[int], val_metrics: dict[str, float], runtime=None) -> dict[str, float]:
     """``gap/seen_*``, ``gap/unseen_*`` and ``gap/*`` (seen minus unseen) for Recall@1 and MAP@R."""
     seen = sample_classes(manifest, "train", val_classes, ev.gap_images, seed)
     out = {f"gap/seen_{k}": v for k, v in _subset_metrics(model, manifest, root, "train", seen, ev, image_size,
-                                                          seed).items()}
+                                                          seed, runtime).items()}
     if val_classes:
         unseen = {k: val_metrics[f"val/{k}"] for k in GAP_METRICS}
     else:
         split = unseen_split(manifest)
         classes = sample_classes(manifest, split, set(), ev.gap_images, seed)
-        unseen = _subset_metrics(model, manifest, root, split, classes, ev, image_size, seed)
+        unseen = _subset_metrics(model, manifest, root, split, classes, ev, image_size, seed, runtime)
     for key in GAP_METRICS:
         out[f"gap/unseen_{key}"] = unseen[key]
         out[f"gap/{key}"] = out[f"gap/seen_{key}"] - unseen[key]

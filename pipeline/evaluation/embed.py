@@ -1,6 +1,9 @@
-"""Embedding a split of the shards with a model, in one process, on the model's own device."""
+"""Embedding a split of the shards with a model on the model's own device: on a GPU with loader workers, pinned
+memory, autocast and channels_last (as training runs there), on the CPU in float32 in one process."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -8,7 +11,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.data.samples import SplitImages
+from pipeline.config import EvalConfig
+from pipeline.data.samples import ShardChecksumError, SplitImages
+from pipeline.runtime import Capabilities, Runtime, choose
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -22,39 +27,67 @@ def split_size(manifest: dict, split: str, classes: set[int] | None = None) -> i
     return sum(c["count"] for c in manifest["classes"] if c["split"] == split and c["id"] in classes)
 
 
+def loader_workers(ev: EvalConfig, runtime: Runtime, shards: int) -> int:
+    """``eval.loader_workers``, with ``auto`` resolved: on a GPU one process per CPU beyond the first (at most 8
+    and one per shard), so that decoding keeps up with the GPU; on the CPU none (the model needs the cores)."""
+    if ev.loader_workers != "auto":
+        return int(ev.loader_workers)
+    if runtime.device.type != "cuda":
+        return 0
+    return max(0, min(8, len(os.sched_getaffinity(0)) - 1, shards))
+
+
 @torch.no_grad()
-def embed_split(model: torch.nn.Module, manifest: dict, root: str, split: str = "test", batch_size: int = 256,
-                image_size: int = 64, classes: set[int] | None = None, progress: bool = True, verify: bool = True,
-                stats: dict | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Embeddings, labels and keys of every image of a split, or of some of its classes. ``stats["skipped"]``
-    receives the number of images that could not be read."""
+def embed_split(model: torch.nn.Module, manifest: dict, root: str, split: str, ev: EvalConfig | None = None,
+                image_size: int = 64,
+                classes: set[int] | None = None, progress: bool = True, verify: bool = True,
+                stats: dict | None = None, runtime: Runtime | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Embeddings, labels and keys of every image of a split, or of some of its classes, in manifest order.
+    ``stats["skipped"]`` receives the number of images that could not be read. ``runtime``: the precision and
+    memory format to embed with (a training worker passes its own; by default the device's: autocast and
+    channels_last on a GPU, the model converted to channels_last)."""
+    ev = ev or EvalConfig()
     model.eval()
     device = model_device(model)
+    if runtime is None:
+        runtime = choose(device, Capabilities.detect() if device.type == "cuda" else Capabilities(cuda=False))
+        if runtime.channels_last:
+            model.to(memory_format=torch.channels_last)
+    memory = torch.channels_last if runtime.channels_last else torch.preserve_format
     source = SplitImages(manifest, root, split, image_size=image_size, classes=classes, verify=verify)
+    workers = loader_workers(ev, runtime, len(source.shards))
     # Its own generator: an evaluation inside training (rank 0's validation) must not draw from the training RNG.
     cuda = device.type == "cuda"  # pinned host memory: the copy to the GPU overlaps the next batch's decoding
-    data = DataLoader(source, batch_size=batch_size, generator=torch.Generator(), pin_memory=cuda)
-    embs, labels, keys = [], [], []
-    with tqdm(total=split_size(manifest, split, classes), desc=f"embed {split}", unit="img",
-              disable=None if progress else True) as bar:
-        for images, cls, key in data:
-            emb, _ = model(images.to(device, non_blocking=cuda))
-            embs.append(emb.float().cpu().numpy())
-            labels.append(cls.numpy())
-            keys += list(key)
-            bar.update(len(cls))
-    if stats is not None:
-        stats["skipped"] = stats.get("skipped", 0) + source.skipped
+    data = DataLoader(source, batch_size=ev.batch_size, num_workers=workers, generator=torch.Generator(),
+                      pin_memory=cuda, multiprocessing_context="fork" if workers else None)
+    embs, labels, keys, places = [], [], [], []
+    expected = split_size(manifest, split, classes)
+    with tqdm(total=expected, desc=f"embed {split}", unit="img", disable=None if progress else True) as bar:
+        try:
+            for images, cls, key, place in data:
+                with runtime.autocast():
+                    emb, _ = model(images.to(device, non_blocking=cuda, memory_format=memory))
+                embs.append(emb.float().cpu().numpy())
+                labels.append(cls.numpy())
+                places.append(place.numpy())
+                keys += list(key)
+                bar.update(len(cls))
+        except ShardChecksumError as err:  # from a loader worker, torch wraps the message in the worker's traceback
+            line = str(err).strip().splitlines()[-1]
+            raise ShardChecksumError(line.partition("ShardChecksumError: ")[2] or line) from None
     if not embs:
         raise RuntimeError(f"no image of split {split!r} in {root} could be read")
-    return np.concatenate(embs), np.concatenate(labels), keys
+    order = np.argsort(np.concatenate(places), kind="stable")  # the workers' batches back in manifest order
+    if stats is not None:
+        stats["skipped"] = stats.get("skipped", 0) + expected - len(order)
+    return np.concatenate(embs)[order], np.concatenate(labels)[order], [keys[i] for i in order]
 
 
 def load_images(manifest: dict, root: str, split: str, indices: set[int],
                 classes: set[int] | None = None) -> dict[int, Image.Image]:
     """The decoded images at the given positions of a split's embedding order (for plots)."""
     out = {}
-    for i, (img, _, _) in enumerate(SplitImages(manifest, root, split, raw=True, classes=classes)):
+    for i, (img, _, _, _) in enumerate(SplitImages(manifest, root, split, raw=True, classes=classes)):
         if i in indices:
             out[i] = img
             if len(out) == len(indices):

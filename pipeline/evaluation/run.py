@@ -61,11 +61,11 @@ def evaluate_model(model: torch.nn.Module, manifest: dict, root: str, split: str
     unreadable images than ``max_bad_fraction`` of the split raise ``TooManyUnreadable``."""
     query_split, gallery_split = protocol_splits(manifest, split)
     stats: dict[str, int] = {}
-    emb, labels, _ = embed_split(model, manifest, root, query_split, ev.batch_size, image_size, progress=progress,
+    emb, labels, _ = embed_split(model, manifest, root, query_split, ev, image_size, progress=progress,
                                  verify=verify, stats=stats)
     gallery = gallery_labels = None
     if gallery_split:
-        gallery, gallery_labels, _ = embed_split(model, manifest, root, gallery_split, ev.batch_size, image_size,
+        gallery, gallery_labels, _ = embed_split(model, manifest, root, gallery_split, ev, image_size,
                                                  progress=progress, verify=verify, stats=stats)
     expected = sum(manifest["splits"][s]["samples"] for s in (query_split, gallery_split) if s)
     skipped = stats.get("skipped", 0)
@@ -80,10 +80,10 @@ def evaluate_model(model: torch.nn.Module, manifest: dict, root: str, split: str
 
 
 def validation_metrics(model: torch.nn.Module, manifest: dict, root: str, classes: set[int], ev: EvalConfig,
-                       image_size: int, seed: int = 0) -> dict[str, float]:
+                       image_size: int, seed: int = 0, runtime=None) -> dict[str, float]:
     """Retrieval metrics on held-out *training* classes (the sweep's objective), keyed ``val/<metric>``."""
-    emb, labels, _ = embed_split(model, manifest, root, "train", ev.batch_size, image_size, classes=classes,
-                                 progress=False)
+    emb, labels, _ = embed_split(model, manifest, root, "train", ev, image_size, classes=classes, progress=False,
+                                 runtime=runtime)
     metrics = retrieval_metrics(emb, labels, ev.recall_at, seed, engine=ev.engine, device=model_device(model))
     return {f"val/{k}": v for k, v in metrics.items()}
 

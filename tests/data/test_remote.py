@@ -25,7 +25,7 @@ def http_root(tiny_shards):
 
 
 def _images(root, manifest):
-    return [(cls, key, img.tobytes()) for img, cls, key in SplitImages(manifest, root, "test", raw=True)]
+    return [(cls, key, img.tobytes()) for img, cls, key, _ in SplitImages(manifest, root, "test", raw=True)]
 
 
 def test_shards_over_http_and_through_a_pipe_read_as_the_local_ones(tiny_shards, http_root, tmp_path):

@@ -3,6 +3,7 @@ import shutil
 import tarfile
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -221,6 +222,63 @@ def test_a_shard_altered_in_place_stops_the_stream_and_evaluation_reads(tmp_path
     with pytest.raises(ShardChecksumError):
         list(SplitImages(manifest, str(root), "test", image_size=32))
     assert len(list(SplitImages(manifest, str(root), "test", image_size=32, verify=False))) >= 47
+    # embedded with loader workers: the worker's error reaches the caller as the same one line
+    from pipeline.config import EvalConfig
+    from pipeline.evaluation.embed import embed_split
+
+    with pytest.raises(ShardChecksumError) as err:
+        embed_split(_Pixels(), manifest, str(root), "test", EvalConfig(loader_workers=2), 32, progress=False)
+    assert "\n" not in str(err.value) and str(err.value).endswith("(rebuild it: gdml shards build --force; or "
+                                                                   "check: gdml shards verify)")
+    assert str(err.value).startswith(str(root))
+
+
+class _Pixels(torch.nn.Module):
+    """A stand-in embedder: an image's first pixels, so that every image has its own embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor):
+        return x.flatten(1)[:, :64] * self.scale, None
+
+
+@pytest.mark.parametrize("split", ["test", "train"])
+def test_loader_workers_embed_a_split_as_one_process_does_and_count_what_they_skip(tmp_path, tiny_shards, split):
+    """Loader workers each read every n-th shard; the embeddings come back in manifest order, identical to one
+    process's, and an image that does not decode is counted as skipped whichever worker met it."""
+    from pipeline.config import EvalConfig
+    from pipeline.evaluation.embed import embed_split
+
+    manifest = shards.load_manifest(tiny_shards)
+    classes = None if split == "test" else {c["id"] for c in manifest["classes"] if c["split"] == "train"}
+    one = embed_split(_Pixels(), manifest, str(tiny_shards), split, EvalConfig(batch_size=5, loader_workers=0), 32,
+                      classes=classes, progress=False)
+    assert len(manifest["splits"][split]["shards"]) >= 3  # so that 3 workers each get shards
+    stats: dict = {}
+    three = embed_split(_Pixels(), manifest, str(tiny_shards), split, EvalConfig(batch_size=5, loader_workers=3), 32,
+                        classes=classes, progress=False, stats=stats)
+    assert np.array_equal(one[0], three[0]) and np.array_equal(one[1], three[1]) and one[2] == three[2]
+    assert stats["skipped"] == 0 and len(set(one[2])) == len(one[2])
+
+    root = tmp_path / "broken"
+    shutil.copytree(tiny_shards, root)
+    last = root / manifest["splits"][split]["shards"][-1]["file"]  # (read by the last worker)
+    with tarfile.open(last) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(last, "w") as tar:
+        broken = False
+        for member, data in members:
+            if member.name.endswith(".png") and not broken:
+                data, broken = b"not an image", True
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    stats = {}
+    emb, labels, keys = embed_split(_Pixels(), manifest, str(root), split, EvalConfig(loader_workers=3), 32,
+                                    classes=classes, progress=False, verify=False, stats=stats)
+    assert stats["skipped"] == 1 and len(keys) == len(one[2]) - 1
+    assert keys == [k for k in one[2] if k in set(keys)]  # still in manifest order
 
 
 def test_the_tar_reader_reads_what_tarfile_writes(tmp_path):

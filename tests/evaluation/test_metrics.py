@@ -277,9 +277,11 @@ class _RecordsItsInputDevice(torch.nn.Module):
 
 
 def test_evaluation_embeds_on_the_models_own_device(tiny_shards):
+    from pipeline.config import EvalConfig
     from pipeline.data.shards import load_manifest
     from pipeline.evaluation.embed import embed_split
 
     model = _RecordsItsInputDevice()
-    emb, labels, _ = embed_split(model, load_manifest(tiny_shards), str(tiny_shards), "test", 16, 32, progress=False)
+    emb, labels, _ = embed_split(model, load_manifest(tiny_shards), str(tiny_shards), "test",
+                                 EvalConfig(batch_size=16), 32, progress=False)
     assert model.seen == {"meta"} and emb.shape == (len(labels), 4)
