@@ -320,6 +320,8 @@ def train_step(w: Worker, images: torch.Tensor, labels: torch.Tensor, lam: float
     on any rank skips or stops it everywhere), which are also the values logged.
     """
     step, state = w.state.step + 1, w.state
+    if w.batch_devices is not None:  # (traced: "pinned" when the loader handed over page-locked memory)
+        w.batch_devices |= {"pinned"} if images.is_pinned() else set()
     images = normalize(images.to(w.device, non_blocking=True))  # uint8 from the stream: normalised on the device
     if w.run.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -525,7 +527,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _trace_devices(w: Worker, trace: Path) -> None:
-    """Where this rank's parameters, batches and validation ran (tests on GPU machines read it)."""
+    """Where this rank's parameters, batches and validation ran, and how the ranks talk (tests on GPU machines
+    read it)."""
     (trace / f"rank{w.rank}-devices.json").write_text(json.dumps({
+        "backend": dist.get_backend() if dist.is_initialized() else None,
         "decided": str(w.device), "batches": sorted(w.batch_devices), "validation": w.validation_device,
         "parameters": sorted({str(p.device) for p in w.module.parameters()})}))

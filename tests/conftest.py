@@ -381,13 +381,28 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         _report(session, f"the suite's temporary folder is kept for a look: {SUITE_TMP}")
 
 
+def _gpu_unusable() -> str | None:
+    """Why torch cannot use this machine's NVIDIA GPUs (a failed CUDA initialisation), or None."""
+    from pipeline.runtime import nvidia_devices, unusable_gpu
+
+    return unusable_gpu("auto", False, 0, nvidia_devices())
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``gpu`` need a CUDA device: skipped without one (``make gpu-check`` runs them on a GPU)."""
+    """Tests marked ``gpu`` need a CUDA device: skipped on a machine without one (``make gpu-check`` runs them on a
+    GPU); where the machine has NVIDIA GPUs that torch cannot use they fail (``pytest_runtest_setup``)."""
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or _gpu_unusable():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (make gpu-check runs these on one)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    import torch
+
+    if "gpu" in item.keywords and not torch.cuda.is_available() and _gpu_unusable():
+        pytest.fail(_gpu_unusable(), pytrace=False)

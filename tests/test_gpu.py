@@ -12,40 +12,91 @@ from pipeline.launch import train_and_evaluate
 pytestmark = pytest.mark.gpu
 
 
-def _traced_run(tiny_cfg, tmp_path, monkeypatch, local: bool):
+def _traced_run(tiny_cfg, tmp_path, monkeypatch, local: bool, workers: int = 1):
+    from pipeline import config as config_mod
     from pipeline import launch
-
-    trace = tmp_path / ("trace-local" if local else "trace-ray")
-    trace.mkdir()
     from pipeline.train import Hooks
 
+    name = "gpu-local" if local else f"gpu-ray-{workers}"
+    trace = tmp_path / f"trace-{name}"
+    trace.mkdir()
     real_fit = launch.fit
 
     def traced_fit(cfg, tracker, name, local, progress=True, hooks=None, epoch_gate=None, callbacks=None):
         return real_fit(cfg, tracker, name, local, progress, Hooks(trace_dir=str(trace)), epoch_gate, callbacks)
 
     monkeypatch.setattr(launch, "fit", traced_fit)
-    train = tiny_cfg.train.model_copy(update={"workers": 1, "epochs": 1, "val_fraction": 0.25,
-                                              "name": f"gpu-{'local' if local else 'ray'}"})
-    result = train_and_evaluate(tiny_cfg.model_copy(update={"train": train}), local=local, progress=False,
-                                plots=False)
-    return result, json.loads((trace / "rank0-devices.json").read_text())
+    cfg = config_mod.with_values(tiny_cfg, {"train.workers": workers, "train.epochs": 1, "train.val_fraction": 0.25,
+                                            "train.name": name, "train.device": "cuda",
+                                            "sampler.loader_workers": 2, "eval.loader_workers": 2})
+    result = train_and_evaluate(cfg, local=local, progress=False, plots=False)
+    return result, [json.loads((trace / f"rank{r}-devices.json").read_text()) for r in range(workers)]
 
 
 @pytest.mark.parametrize("local", [True, False], ids=["local", "one-ray-worker"])
 def test_every_parameter_batch_and_evaluation_runs_on_cuda(tiny_cfg, tmp_path, monkeypatch, local):
+    """Loader workers (2) hand over pinned batches; parameters, batches and validation (embedded by 2 loader
+    workers) are on the GPU; the run logs a GPU precision."""
     import ray
 
     try:
-        result, devices = _traced_run(tiny_cfg, tmp_path, monkeypatch, local)
+        result, [devices] = _traced_run(tiny_cfg, tmp_path, monkeypatch, local)
     finally:
         ray.shutdown()
     assert devices["decided"].startswith("cuda")
-    assert devices["parameters"] == [devices["decided"]] and devices["batches"] == [devices["decided"]]
+    assert devices["parameters"] == [devices["decided"]]
+    assert devices["batches"] == sorted([devices["decided"], "pinned"])  # pinned host memory, copied to the GPU
     assert devices["validation"] == devices["decided"]
     params = MlflowClient(result.tracking_uri).get_run(result.run_id).data.params
     assert params["runtime.device"].startswith("cuda") and params["runtime.eval_device"].startswith("cuda")
+    assert params["runtime.loader_workers"] == "2"
     assert "bf16" in params["runtime.describe"] or "fp16" in params["runtime.describe"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL cannot put two ranks on one)")
+def test_two_ray_workers_train_with_nccl_ddp_a_distributed_loss_and_every_ranks_rng(tiny_cfg, tmp_path, monkeypatch):
+    """2 Ray Train workers, one GPU each: NCCL between them, the metric loss over both ranks' embeddings (PML's
+    distributed wrapper, whose all_gather the CPU tests check against a whole-batch step), and the checkpoint holds
+    both ranks' RNG states (gathered with all_gather_object over NCCL), each with its own device's CUDA state."""
+    import ray
+
+    from pipeline.checkpoint import load_checkpoint
+
+    try:
+        result, ranks = _traced_run(tiny_cfg, tmp_path, monkeypatch, local=False, workers=2)
+    finally:
+        ray.shutdown()
+    assert [d["backend"] for d in ranks] == ["nccl", "nccl"]
+    assert ranks[0]["decided"] != ranks[1]["decided"] and all(d["decided"].startswith("cuda") for d in ranks)
+    assert all(d["batches"] == sorted([d["decided"], "pinned"]) for d in ranks)
+    per_rank = load_checkpoint(result.checkpoint)["rng_per_rank"]
+    assert len(per_rank) == 2 and all(isinstance(r["cuda"], torch.Tensor) for r in per_rank)
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id).data
+    assert run.params["runtime.world_size"] == "2" and run.params["runtime.device"].startswith("cuda")
+    assert torch.isfinite(torch.tensor(run.metrics["loss_dml"])) and "test/recall_at_1" in run.metrics
+
+
+def test_evaluation_embeds_under_autocast_and_channels_last_with_loader_workers(trained, tiny_shards):
+    """On a GPU, embedding converts the model to channels_last and runs under the device's autocast; the
+    embeddings come back float32 and equal, within the precision's error, to the float32 CPU ones."""
+    import numpy as np
+
+    from pipeline.checkpoint import load_model
+    from pipeline.config import EvalConfig
+    from pipeline.data.shards import load_manifest
+    from pipeline.evaluation.embed import embed_split
+
+    manifest = load_manifest(tiny_shards)
+    cpu_model, cfg, _ = load_model(trained.result.checkpoint, torch.device("cpu"))
+    gpu_model, _, _ = load_model(trained.result.checkpoint, torch.device("cuda"))
+    ev = EvalConfig(batch_size=8, loader_workers=2)
+    cpu = embed_split(cpu_model, manifest, str(tiny_shards), "test", ev, cfg.data.image_size, progress=False)
+    gpu = embed_split(gpu_model, manifest, str(tiny_shards), "test", ev, cfg.data.image_size, progress=False)
+    convs = [m.weight for m in gpu_model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert gpu[0].dtype == np.float32 and gpu[2] == cpu[2] and np.array_equal(gpu[1], cpu[1])
+    assert np.abs(gpu[0] - cpu[0]).max() < 0.1  # bf16/fp16 autocast against float32, unit-norm embeddings
+    assert not np.array_equal(gpu[0], cpu[0])  # (it did run in reduced precision)
 
 
 @pytest.mark.parametrize("case", range(3))
