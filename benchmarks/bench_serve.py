@@ -68,13 +68,13 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         values = {**SMOKE, "data.root": str(tmp / "data")}
     cfg = resolve_paths(config_mod.load(ROOT / "configs" / "demo.yaml", values=values))
     manifest = shards.ensure(cfg.data)
-    model = Embedder(cfg.model, manifest["splits"]["train"]["classes"], cfg.data.image_size)
-    module = TrainModule(model, MetricLoss(cfg.loss, manifest["splits"]["train"]["classes"], cfg.model.embedding_size))
+    model = Embedder(cfg.model, len(manifest.class_ids("train")), cfg.data.image_size)
+    module = TrainModule(model, MetricLoss(cfg.loss, len(manifest.class_ids("train")), cfg.model.embedding_size))
     state = TrainState(module, build_optimizer(module, cfg), torch.amp.GradScaler("cpu", enabled=False))
-    save_checkpoint(tmp / "ckpt", state, cfg, manifest["splits"]["train"]["classes"], {})
+    save_checkpoint(tmp / "ckpt", state, cfg, len(manifest.class_ids("train")), {})
 
     images = []
-    for img, _, _, _ in SplitImages(manifest, cfg.data.root, "test", raw=True):
+    for img, _, _, _ in SplitImages(manifest.split("test"), raw=True):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         images.append(base64.b64encode(buf.getvalue()).decode())
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     # A realistic gallery: 10,000 embeddings of augmented emoji drawings (both splits), by the same model.
     torch.set_num_threads(2)
     augment = train_augment(cfg.augment, cfg.data.image_size)
-    raw = [img for split in ("train", "test") for img, _, _, _ in SplitImages(manifest, cfg.data.root, split, raw=True)]
+    raw = [img for split in ("train", "test") for img, _, _, _ in SplitImages(manifest.split(split), raw=True)]
     torch.manual_seed(0)
     model.eval()
     chunks = []

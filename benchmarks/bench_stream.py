@@ -59,7 +59,7 @@ def side_gdml(root: str, workers: int, batches: int) -> dict:
                                  f"sampler.loader_workers={workers}", "augment.crop_scale=[0.08,1.0]",
                                  "augment.color_jitter=0.0"])
     manifest = shards.load_manifest(root)
-    stream = BalancedStream(manifest, root, cfg.sampler, train_augment(cfg.augment, SIZE), loader_workers=workers,
+    stream = BalancedStream(manifest, cfg.sampler, train_augment(cfg.augment, SIZE), loader_workers=workers,
                             min_area=train_min_area(cfg.augment, SIZE))
     loader = train_loader(stream)
     return _consume(lambda epoch: (stream.set_epoch(epoch), loader)[1], normalize, batches)
@@ -164,7 +164,7 @@ def buffer_peak(root: str) -> int:
 
     cfg = config_mod.load(None, [f"sampler.classes_per_batch={P}", f"sampler.images_per_class={M}",
                                  f"sampler.batch_size={P * M}", "sampler.epoch=images", "sampler.loader_workers=0"])
-    stream = BalancedStream(shards.load_manifest(root), root, cfg.sampler, train_augment(cfg.augment, 32))
+    stream = BalancedStream(shards.load_manifest(root), cfg.sampler, train_augment(cfg.augment, 32))
     for _ in stream:
         pass
     return stream.stats.peak_bytes
@@ -195,7 +195,7 @@ def sop_scale(tmp: Path, quick: bool, smoke: bool = False) -> None:
     started = time.perf_counter()
     manifest = shards.load_manifest(tmp / "sop-shards")
     load_seconds = time.perf_counter() - started
-    train = manifest["splits"]["train"]["shards"]
+    train = manifest.shards("train")
     quarter = train[: max(1, len(train) // 4)]
 
     def best_of_three(shard_list: list[dict], mode: str) -> float:
@@ -216,7 +216,7 @@ def sop_scale(tmp: Path, quick: bool, smoke: bool = False) -> None:
               f"{peak / 2**20:.1f} MiB, {plan.n_batches} batches per slot; a quarter of the shards: "
               f"{quarter_seconds * 1000:.1f} ms (linear: about a quarter)")
     started = time.perf_counter()
-    stream = BalancedStream(manifest, str(tmp / "sop-shards"), cfg.sampler, train_augment(cfg.augment, 224),
+    stream = BalancedStream(manifest, cfg.sampler, train_augment(cfg.augment, 224),
                             rank=3, world_size=16)
     next(iter(train_loader(stream)))
     first = time.perf_counter() - started

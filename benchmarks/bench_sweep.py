@@ -100,7 +100,7 @@ def main() -> None:
         best = max(full.values())
         manifest = load_manifest(base.data.root)
         held = held_out_classes(manifest, base)
-        queries = sum(n for sh in manifest["splits"]["train"]["shards"] for c, n in sh["groups"] if c in held)
+        queries = sum(n for sh in manifest.shards("train") for c, n in sh["groups"] if c in held)
         se = math.sqrt(best * (1 - best) / queries)
         picked = full[_key(out[True]["best_params"])]
         print(f"ASHA's pick, run to the end in the full grid: {metric}={picked:.4f}; the full grid's best {best:.4f} "

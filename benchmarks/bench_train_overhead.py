@@ -44,11 +44,11 @@ def plain_loop(cfg: Config, manifest: dict, epochs: int) -> float:
 
     torch.set_num_threads(1)
     torch.manual_seed(cfg.train.seed)
-    n_classes = manifest["splits"]["train"]["classes"]
+    n_classes = len(manifest.class_ids("train"))
     model = Embedder(cfg.model, n_classes, cfg.data.image_size).train()
     loss_fn = losses.MultiSimilarityLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    stream = BalancedStream(manifest, cfg.data.root, cfg.sampler, train_augment(cfg.augment, cfg.data.image_size),
+    stream = BalancedStream(manifest, cfg.sampler, train_augment(cfg.augment, cfg.data.image_size),
                             seed=cfg.train.seed)
     per_step = 0.0
     for epoch in range(epochs):

@@ -183,7 +183,7 @@ def training(tmp: Path, quick: bool) -> float:
     data_root = tmp / "shards"
     cfg = throughput_config(data_root, tmp, 0, 30 if quick else 60)
     manifest = shards.build(cfg.data)
-    num_classes = manifest["splits"]["train"]["classes"]
+    num_classes = len(manifest.class_ids("train"))
     plain = model_only_images_per_second(cfg, num_classes, 30 if quick else 60)
     try:
         ours = gdml_images_per_second(cfg, "gpu-synthetic", synthetic=8)

@@ -36,8 +36,8 @@ def gallery_from_split(checkpoint: str, split: str, data_root: str | None = None
     model, cfg, _ = load_model(checkpoint, inference_device())
     root = data_root or cfg.data.root
     manifest = shards.load_manifest(root)
-    emb, labels, keys = embed_split(model, manifest, root, split, cfg.eval, cfg.data.image_size)
-    names = {c["id"]: c["name"] for c in manifest["classes"]}
+    emb, labels, keys = embed_split(model, manifest.split(split), cfg.eval, cfg.data.image_size)
+    names = manifest.names
     return cfg, emb, [names.get(int(lab), str(lab)) for lab in labels], keys
 
 

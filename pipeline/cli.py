@@ -178,7 +178,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         check_config(resolve_paths(v), args.local)
     started = time.perf_counter()
     _, _, manifest = prepare(variants["+both"], args.local)  # tracking, data checks, then the shards
-    test = manifest["splits"]["test"]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = {}
     for label, vcfg in variants.items():
@@ -189,8 +188,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                             tags={"demo": stamp})
     elapsed = time.perf_counter() - started
     first = next(iter(results.values()))
-    d = cfg.data
-    print(f"\nZero-shot retrieval on the {test['classes']} unseen emoji classes ({test['samples']} images) "
+    d, classes = cfg.data, len(manifest.class_ids("test"))
+    print(f"\nZero-shot retrieval on the {classes} unseen emoji classes ({manifest.images('test')} images) "
           f"(backbone {cfg.model.backbone}, embedding {cfg.model.embedding_size}, {d.image_size} px, "
           f"loss {cfg.loss.name}, {cfg.train.epochs} epochs, seed {cfg.train.seed}):")
     print(_format_metrics_table({k: r.metrics for k, r in results.items()},
@@ -229,7 +228,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
     if args.shards_command == "verify":
         manifest = shards.load_manifest(args.root)
-        count = sum(len(s["shards"]) for s in manifest["splits"].values())
+        count = sum(len(manifest.shards(split)) for split in manifest.splits)
         altered = shards.verify(args.root)
         if altered:
             print(f"{len(altered)} of {count} shards differ from their manifest (altered after they were built): "
@@ -245,11 +244,11 @@ def cmd_shards(args: argparse.Namespace) -> int:
         for record in Path(cfg.data.root).glob("*.tar.json"):
             record.unlink()
     manifest = shards.build(cfg.data) if args.force else shards.ensure(cfg.data)
-    for split, info in manifest["splits"].items():
+    for split, info in manifest.data["splits"].items():
         print(f"{split}: {info['classes']} classes, {info['samples']} images, {len(info['shards'])} shards")
-    if manifest.get("bad"):
-        print(f"left out {len(manifest['bad'])} unreadable images (listed in the manifest under 'bad'), e.g.:")
-        for line in manifest["bad"][:5]:
+    if manifest.bad:
+        print(f"left out {len(manifest.bad)} unreadable images (listed in the manifest under 'bad'), e.g.:")
+        for line in manifest.bad[:5]:
             print(f"  {line}")
     print(f"manifest: {Path(cfg.data.root) / shards.MANIFEST}")
     return 0
@@ -275,7 +274,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tracker = tracking.Tracker(uri, args.run) if args.run else tracking.Tracker.start(
             uri, cfg.tracking.experiment, f"eval-{Path(checkpoint).name}",
             tags={"evaluates": str(Path(checkpoint).resolve())})
-        log_evaluation(tracker, ev, manifest, cfg.data.root, args.split, plots=not args.no_plots,
+        log_evaluation(tracker, ev, manifest, args.split, plots=not args.no_plots,
                        seed=cfg.train.seed, image_size=cfg.data.image_size)
         if not args.run:
             tracker.end()

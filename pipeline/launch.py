@@ -179,14 +179,12 @@ def train_and_evaluate(cfg: Config, local: bool = False, name: str | None = None
         checkpoint, _ = fit(cfg, tracker, name, local, progress)
         seconds = time.perf_counter() - started
         tracker.adopt(journal / tracking.WORKER_JOURNAL)  # what the training worker could not send
-        from pipeline.data.shards import dataset_input
-
-        tracker.log_inputs([dataset_input(manifest, cfg.data.root, split, "test")  # after the training data sets
-                            for split in ("test", "query", "gallery") if split in manifest["splits"]])
+        tracker.log_inputs([manifest.split(split).dataset_input("test")  # after the training data sets
+                            for split in ("test", "query", "gallery") if split in manifest.splits])
         ev = evaluate_checkpoint(checkpoint, cfg, manifest, "test", progress)
         tracker.log_params({"runtime.eval_device": ev.device})
         tracker.log_metrics({"train_seconds": seconds})
-        log_evaluation(tracker, ev, manifest, cfg.data.root, "test", plots=plots, seed=cfg.train.seed,
+        log_evaluation(tracker, ev, manifest, "test", plots=plots, seed=cfg.train.seed,
                        image_size=cfg.data.image_size)
         if plots:
             from pipeline.evaluation.plots import log_training_curves

@@ -11,6 +11,7 @@ from typing import Any
 from pipeline import tracking
 from pipeline.config import Config, ConfigError, with_values
 from pipeline.data import shards
+from pipeline.data.manifest import Manifest
 from pipeline.paths import absolute, is_remote
 
 log = logging.getLogger(__name__)
@@ -103,33 +104,25 @@ def check_device(cfg: Config, local: bool) -> None:
     cluster.check_fits(cfg, cluster.inspect(cfg))  # a run no node (type) of the cluster can ever hold: one line
 
 
-def check_data(cfg: Config, manifest: dict[str, Any], world_size: int) -> None:
+def check_data(cfg: Config, manifest: Manifest, world_size: int) -> None:
     """Checks that need the manifest: is there enough data for one batch on every rank and loader worker?"""
-    from pipeline.data.stream import (
-        batches_per_slot,
-        epoch_units,
-        held_out_classes,
-        resolve_loader_workers,
-        without_classes,
-    )
+    from pipeline.data.stream import batches_per_slot, training_plan
 
     try:
-        held_out = held_out_classes(manifest, cfg)
+        plan = training_plan(manifest, cfg, world_size)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     s = cfg.sampler
-    classes = manifest["splits"]["train"]["classes"] - len(held_out)
-    if classes < s.classes_per_batch:
+    if plan.classes < s.classes_per_batch:
         raise ConfigError(f"sampler.classes_per_batch: {s.classes_per_batch} classes per batch, but "
-                          f"{cfg.data.root} has {classes} training classes")
-    units = epoch_units(without_classes(manifest["splits"]["train"]["shards"], held_out), s.epoch, s.images_per_class)
-    workers = max(1, resolve_loader_workers(s, cfg.train.cpus_per_worker, units, world_size))
-    if batches_per_slot(units, world_size * workers, s.classes_per_batch, pad=False) == 0:
+                          f"{cfg.data.root} has {plan.classes} training classes")
+    workers = max(1, plan.loader_workers)
+    if batches_per_slot(plan.units, world_size * workers, s.classes_per_batch, pad=False) == 0:
         unit = "classes" if s.epoch == "classes" else f"groups of {s.images_per_class} images"
         raise ConfigError(
             f"sampler.classes_per_batch: {s.classes_per_batch} per batch x {world_size} ranks x {workers} loader "
             f"workers needs at least {world_size * workers * s.classes_per_batch} {unit} per epoch; {cfg.data.root} "
-            f"has {units} (fewer loader workers, ranks or classes per batch; or sampler.epoch=images)")
+            f"has {plan.units} (fewer loader workers, ranks or classes per batch; or sampler.epoch=images)")
 
 
 def open_tracking(cfg: Config) -> str | None:

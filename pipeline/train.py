@@ -39,15 +39,9 @@ from pipeline.checkpoint import (
     save_checkpoint,
 )
 from pipeline.config import Config
-from pipeline.data.shards import dataset_input, load_manifest
-from pipeline.data.stream import (
-    BalancedStream,
-    epoch_units,
-    held_out_classes,
-    resolve_loader_workers,
-    train_loader,
-    without_classes,
-)
+from pipeline.data.manifest import Manifest
+from pipeline.data.shards import load_manifest
+from pipeline.data.stream import BalancedStream, train_loader, training_plan
 from pipeline.data.transforms import normalize, train_augment, train_min_area
 from pipeline.model.adversary import Schedule
 from pipeline.model.embedder import Embedder
@@ -124,7 +118,7 @@ class Worker:
     rank: int
     world: int
     run: Runtime
-    manifest: dict[str, Any]
+    manifest: Manifest
     num_train_classes: int
     val_classes: set[int]
     stream: BalancedStream
@@ -174,12 +168,10 @@ def setup_worker(args: WorkerArgs) -> Worker:
     torch.backends.cudnn.benchmark = run.device.type == "cuda" and not cfg.train.deterministic  # fixed shapes
 
     manifest = load_manifest(cfg.data.root)
-    num_train_classes = manifest["splits"]["train"]["classes"]
-    val_classes = held_out_classes(manifest, cfg)
-    units = epoch_units(without_classes(manifest["splits"]["train"]["shards"], val_classes), cfg.sampler.epoch,
-                        cfg.sampler.images_per_class)
-    loader_workers = resolve_loader_workers(cfg.sampler, cfg.train.cpus_per_worker, units, world)
-    stream = BalancedStream(manifest, cfg.data.root, cfg.sampler, train_augment(cfg.augment, cfg.data.image_size),
+    num_train_classes = len(manifest.class_ids("train"))
+    plan = training_plan(manifest, cfg, world)
+    val_classes, loader_workers = plan.held_out, plan.loader_workers
+    stream = BalancedStream(manifest, cfg.sampler, train_augment(cfg.augment, cfg.data.image_size),
                             rank=rank, world_size=world, seed=cfg.train.seed, exclude=val_classes,
                             loader_workers=loader_workers, min_area=train_min_area(cfg.augment, cfg.data.image_size),
                             verify=cfg.data.verify)
@@ -198,9 +190,9 @@ def setup_worker(args: WorkerArgs) -> Worker:
     if rank == 0:
         tracker.log_params({"runtime.device": str(run.device), "runtime.describe": run.describe(),
                             "runtime.world_size": world, "runtime.loader_workers": loader_workers})
-        train_ids = {c["id"] for c in manifest["classes"] if c["split"] == "train"} - val_classes
-        tracker.log_inputs([dataset_input(manifest, cfg.data.root, "train", "training", train_ids)] + (
-            [dataset_input(manifest, cfg.data.root, "train", "validation", val_classes)] if val_classes else []))
+        train_ids = set(manifest.class_ids("train")) - val_classes
+        tracker.log_inputs([manifest.split("train", train_ids).dataset_input("training")] + (
+            [manifest.split("train", val_classes).dataset_input("validation")] if val_classes else []))
         _say(f"training on {run.describe()}" + (f", {world} workers" if world > 1 else ""))
     loader = train_loader(stream, run.pin_memory)
     if args.hooks.synthetic_batches:
@@ -439,11 +431,11 @@ def validate(w: Worker) -> dict[str, float]:
     w.validation_device = str(model_device(w.module.embedder))
     out = {}
     if w.val_classes:
-        out = validation_metrics(w.module.embedder, w.manifest, w.cfg.data.root, w.val_classes, w.cfg.eval,
-                                 w.cfg.data.image_size, w.cfg.train.seed, w.run)
+        out = validation_metrics(w.module.embedder, w.manifest.split("train", w.val_classes, w.cfg.data.verify),
+                                 w.cfg.eval, w.cfg.data.image_size, w.cfg.train.seed, w.run)
     if w.cfg.eval.gap_images:
         started = time.perf_counter()
-        out.update(gap_metrics(w.module.embedder, w.manifest, w.cfg.data.root, w.cfg.eval, w.cfg.data.image_size,
+        out.update(gap_metrics(w.module.embedder, w.manifest, w.cfg.eval, w.cfg.data.image_size,
                                w.cfg.train.seed, w.val_classes, out, w.run))
         out["gap_seconds"] = time.perf_counter() - started  # what the diagnostic costs, beside epoch_seconds
     w.module.train()

@@ -43,7 +43,7 @@ def test_eval_package_and_query_through_the_cli(trained, tiny_shards, monkeypatc
 
     info = mlflow.models.get_model_info("models:/cli-retrieval@champion")  # logged with an input example
     assert info.saved_input_example_info["type"] == "dataframe" and info.signature.params.to_dict()[0]["name"] == "k"
-    first = shards.load_manifest(tiny_shards)["splits"]["test"]["shards"][0]["file"]
+    first = shards.load_manifest(tiny_shards).shards("test")[0]["file"]
     with tarfile.open(tiny_shards / first) as tar:
         name = sorted(n for n in tar.getnames() if n.endswith(".png"))[0]
         (tmp / "query.png").write_bytes(tar.extractfile(name).read())
@@ -63,7 +63,7 @@ def test_unreadable_test_images_are_counted_printed_and_over_the_limit_an_error(
     result = trained.result
     root = tmp_path / "broken"
     shutil.copytree(tiny_shards, root)
-    test = shards.load_manifest(root)["splits"]["test"]["shards"][0]["file"]
+    test = shards.load_manifest(root).shards("test")[0]["file"]
     with tarfile.open(root / test) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(root / test, "w") as tar:
@@ -75,7 +75,7 @@ def test_unreadable_test_images_are_counted_printed_and_over_the_limit_an_error(
             tar.addfile(member, io.BytesIO(data))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", result.tracking_uri)
     # 1) checked: the shard no longer matches its manifest
-    count = sum(len(s["shards"]) for s in shards.load_manifest(root)["splits"].values())
+    count = sum(len(s["shards"]) for s in shards.load_manifest(root).data["splits"].values())
     code, _, err = gdml(capsys, "shards", "verify", root)
     assert code == 1 and err.startswith(f"1 of {count} shards differ from their manifest"), err
     code, _, err = gdml(capsys, "eval", "--checkpoint", result.checkpoint, "--data-root", root, "--no-plots")
@@ -89,7 +89,7 @@ def test_unreadable_test_images_are_counted_printed_and_over_the_limit_an_error(
     cfg = tiny_config(tmp_path, **{"data.root": str(root), "data.verify": False, "data.max_bad_fraction": 0.05})
     manifest = shards.load_manifest(root)
     ev = evaluate_checkpoint(result.checkpoint, cfg, manifest, progress=False)
-    assert ev.skipped == 1 and len(ev.labels) == manifest["splits"]["test"]["samples"] - 1
+    assert ev.skipped == 1 and len(ev.labels) == manifest.images("test") - 1
     strict = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_bad_fraction": 0.01})})
     with pytest.raises(TooManyUnreadable, match="1 of 48 images of the test split could not be read"):
         evaluate_checkpoint(result.checkpoint, strict, manifest, progress=False)

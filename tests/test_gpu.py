@@ -90,8 +90,8 @@ def test_evaluation_embeds_under_autocast_and_channels_last_with_loader_workers(
     cpu_model, cfg, _ = load_model(trained.result.checkpoint, torch.device("cpu"))
     gpu_model, _, _ = load_model(trained.result.checkpoint, torch.device("cuda"))
     ev = EvalConfig(batch_size=8, loader_workers=2)
-    cpu = embed_split(cpu_model, manifest, str(tiny_shards), "test", ev, cfg.data.image_size, progress=False)
-    gpu = embed_split(gpu_model, manifest, str(tiny_shards), "test", ev, cfg.data.image_size, progress=False)
+    cpu = embed_split(cpu_model, manifest.split("test"), ev, cfg.data.image_size, progress=False)
+    gpu = embed_split(gpu_model, manifest.split("test"), ev, cfg.data.image_size, progress=False)
     convs = [m.weight for m in gpu_model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert gpu[0].dtype == np.float32 and gpu[2] == cpu[2] and np.array_equal(gpu[1], cpu[1])
@@ -125,7 +125,7 @@ def test_package_and_query_run_on_cuda(trained, tiny_shards):
     model = mlflow.pyfunc.load_model(done.model_uri).unwrap_python_model()
     assert model.device.type == "cuda" and next(model.model.parameters()).is_cuda
     manifest = shards.load_manifest(tiny_shards)
-    first = manifest["splits"]["test"]["shards"][0]["file"]
+    first = manifest.shards("test")[0]["file"]
     import tarfile
 
     with tarfile.open(tiny_shards / first) as tar:

@@ -137,7 +137,7 @@ def run(cfg: Config, losses: list[str], seeds: list[int], progress: bool = True,
         parent.log_text(table, "ablation.md")
         parent.log_figure(plot(rows, losses, variants), "ablation_recall_at_1.png")
     return {"name": name, "table": table, "rows": rows, "seconds": seconds, "parent_run_id": parent.run_id,
-            "manifest_test_classes": manifest["splits"]["test"]["classes"]}
+            "manifest_test_classes": len(manifest.class_ids("test"))}
 
 
 def write_table(result: dict[str, Any], path: Path) -> None:

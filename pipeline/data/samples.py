@@ -21,6 +21,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline.data.manifest import Split
 from pipeline.data.transforms import eval_transform
 from pipeline.errors import GdmlError
 
@@ -161,14 +162,11 @@ class SplitImages(IterableDataset):
     loader workers each takes every n-th shard, and ``place`` (shard, position) puts the images back in manifest
     order. Images that cannot be read are left out (and logged); a checksum mismatch raises."""
 
-    def __init__(self, manifest: dict, root: str, split: str, raw: bool = False, image_size: int = 64,
-                 classes: set[int] | None = None, verify: bool = True) -> None:
+    def __init__(self, split: Split, raw: bool = False, image_size: int = 64) -> None:
         super().__init__()
-        shards = manifest["splits"][split]["shards"]
-        if classes is not None:  # only the shards that hold these classes
-            shards = [s for s in shards if any(g[0] in classes for g in s["groups"])]
-        self.shards = [(shard_url(root, s["file"]), s.get("sha256") if verify else None) for s in shards]
-        self.classes = classes
+        self.shards = [(shard_url(split.root, s["file"]), s.get("sha256") if split.verify else None)
+                       for s in split.shards]
+        self.classes = split.classes
         self.transform = (lambda img: img) if raw else eval_transform(image_size)
 
     @staticmethod

@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.config import ConfigError, DataConfig
+from pipeline.data.manifest import Manifest
 from pipeline.data.sources import ClassItems, encode_png, iter_source
 from pipeline.errors import GdmlError
 from pipeline.paths import is_remote
@@ -123,7 +124,7 @@ def plan(cfg: DataConfig) -> tuple[list[dict[str, Any]], dict[str, list[dict[str
     return classes, shards
 
 
-def planned_manifest(cfg: DataConfig) -> dict[str, Any]:
+def planned_manifest(cfg: DataConfig) -> Manifest:
     """What the manifest will say (classes, splits, shards with their class groups), from the source's listing
     alone: checks run on it before anything is written. Counts are of images listed (unreadable ones are left out
     when building)."""
@@ -139,10 +140,11 @@ def planned_manifest(cfg: DataConfig) -> dict[str, Any]:
             entries.append({"file": shard["file"], "samples": shard["planned"], "groups": groups})
         splits[split] = {"classes": len({g[0] for e in entries for g in e["groups"]}),
                          "samples": sum(e["samples"] for e in entries), "shards": entries}
-    return {"classes": [{**c, "count": counts.get(c["id"], 0)} for c in classes], "splits": splits}
+    return Manifest(cfg.root, {"classes": [{**c, "count": counts.get(c["id"], 0)} for c in classes],
+                               "splits": splits, "params": source_params(cfg)})
 
 
-def current_or_planned(cfg: DataConfig) -> dict[str, Any]:
+def current_or_planned(cfg: DataConfig) -> Manifest:
     """The manifest of shards that are there and current (or remote), else the plan of those to build."""
     if is_remote(cfg.root) or is_current(cfg.root, cfg):
         return load_manifest(cfg.root)
@@ -218,7 +220,7 @@ def _done(out: Path, shard: dict[str, Any], params: dict[str, Any]) -> dict[str,
     return record
 
 
-def build(cfg: DataConfig, root: str | Path | None = None, workers: int | None = None) -> dict[str, Any]:
+def build(cfg: DataConfig, root: str | Path | None = None, workers: int | None = None) -> Manifest:
     """Build the shards and the manifest (written last, so a half build is never taken as complete)."""
     out = Path(root or cfg.root).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -277,20 +279,20 @@ def build(cfg: DataConfig, root: str | Path | None = None, workers: int | None =
     manifest = {"format": FORMAT_VERSION, "params": params, "classes": classes, "splits": splits, "bad": bad}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     log.info("built %s: %s", out, {k: (v["classes"], v["samples"]) for k, v in splits.items()})
-    return manifest
+    return Manifest(str(out), manifest)
 
 
-def load_manifest(root: str | Path) -> dict[str, Any]:
+def load_manifest(root: str | Path) -> Manifest:
     root_s = str(root)
     if is_remote(root_s):
         from pipeline.data.stream import shard_url
 
         with wds.gopen(shard_url(root_s, MANIFEST)) as f:
-            return json.loads(f.read())
+            return Manifest(root_s, json.loads(f.read()))
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest; build the shards first (gdml shards build)")
-    return json.loads(path.read_text())
+    return Manifest(root_s, json.loads(path.read_text()))
 
 
 def is_current(root: str | Path, cfg: DataConfig) -> bool:
@@ -299,16 +301,13 @@ def is_current(root: str | Path, cfg: DataConfig) -> bool:
         manifest = load_manifest(root)
     except (FileNotFoundError, json.JSONDecodeError):
         return False
-    if manifest.get("format") != FORMAT_VERSION or manifest.get("params") != source_params(cfg):
+    if manifest.data.get("format") != FORMAT_VERSION or manifest.data.get("params") != source_params(cfg):
         return False
-    return all(
-        (Path(root) / sh["file"]).is_file() and (Path(root) / sh["file"]).stat().st_size == sh["bytes"]
-        for split in manifest["splits"].values()
-        for sh in split["shards"]
-    )
+    return all((Path(root) / sh["file"]).is_file() and (Path(root) / sh["file"]).stat().st_size == sh["bytes"]
+               for split in manifest.splits for sh in manifest.shards(split))
 
 
-def ensure(cfg: DataConfig) -> dict[str, Any]:
+def ensure(cfg: DataConfig) -> Manifest:
     """Reuse the shards under ``cfg.root`` when they match the config (or are remote); build them otherwise."""
     if is_remote(cfg.root):
         return load_manifest(cfg.root)  # remote shards are built elsewhere and only read here
@@ -321,26 +320,5 @@ def ensure(cfg: DataConfig) -> dict[str, Any]:
 def verify(root: str | Path) -> list[str]:
     """Shard files whose sha256 differs from the manifest's (empty when all match)."""
     manifest = load_manifest(root)
-    return [
-        sh["file"]
-        for split in manifest["splits"].values()
-        for sh in split["shards"]
-        if _sha256(Path(root) / sh["file"]) != sh["sha256"]
-    ]
-
-
-def dataset_input(manifest: dict[str, Any], root: str, split: str, context: str,
-                  classes: set[int] | None = None) -> dict[str, str]:
-    """The images of ``split`` (only ``classes`` of it, if given) as an MLflow dataset input: named after the shard
-    root and the context, the manifest's digest, the root as source, the split's class and image counts."""
-    from pipeline.paths import is_remote
-
-    chosen = [c for c in manifest["classes"] if c["split"] == split and (classes is None or c["id"] in classes)]
-    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
-    remote = is_remote(root)
-    profile = {"split": split, "classes": len(chosen), "images": sum(c["count"] for c in chosen),
-               "shards": len(manifest["splits"][split]["shards"]), "source": manifest["params"].get("source")}
-    return {"name": f"{root.rstrip('/').rsplit('/', 1)[-1]}-{context}", "digest": digest, "context": context,
-            "source_type": root.split(":", 1)[0] if remote else "local",
-            "source": json.dumps({"uri": root if remote else Path(root).resolve().as_uri()}),
-            "profile": json.dumps(profile)}
+    return [sh["file"] for split in manifest.splits for sh in manifest.shards(split)
+            if _sha256(Path(root) / sh["file"]) != sh["sha256"]]

@@ -39,6 +39,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import SamplerConfig
+from pipeline.data.manifest import Manifest
 from pipeline.data.samples import ShardChecksumError, image_bytes, raw_samples, shard_url
 
 log = logging.getLogger(__name__)
@@ -62,14 +63,14 @@ class Slot:
         return self.world_size * self.num_workers
 
 
-def validation_classes(manifest: dict, fraction: float, seed: int, folds: int = 1, fold: int = 0) -> set[int]:
+def validation_classes(manifest: Manifest, fraction: float, seed: int, folds: int = 1, fold: int = 0) -> set[int]:
     """A seeded, class-disjoint share of the training classes held out for validation (empty for 0).
 
     With ``folds`` > 1 the training classes are dealt, in a seeded order, into that many disjoint folds and fold
     ``fold`` is held out (``fraction`` is then not used): k runs with fold = 0 .. k-1 validate on every training
     class exactly once.
     """
-    train = sorted(c["id"] for c in manifest["classes"] if c["split"] == "train")
+    train = manifest.class_ids("train")
     if folds > 1:
         held = random.Random(f"{seed}/folds").sample(train, len(train))[fold::folds]
         if len(held) < 2 or len(train) - len(held) < 2:
@@ -83,9 +84,30 @@ def validation_classes(manifest: dict, fraction: float, seed: int, folds: int = 
     return set(random.Random(f"{seed}/validation").sample(train, n)) if n else set()
 
 
-def held_out_classes(manifest: dict, cfg: Any) -> set[int]:
+def held_out_classes(manifest: Manifest, cfg: Any) -> set[int]:
     """The classes a run (config ``cfg``) validates on: ``tune.folds``/``tune.fold``, else ``train.val_fraction``."""
     return validation_classes(manifest, cfg.train.val_fraction, cfg.train.seed, cfg.tune.folds, cfg.tune.fold)
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a run trains on, from the manifest alone: the held-out classes, the classes and units left to train
+    on, and the loader workers of each rank."""
+
+    held_out: set[int]
+    classes: int
+    units: int
+    loader_workers: int
+
+
+def training_plan(manifest: Manifest, cfg: Any, world: int) -> TrainingPlan:
+    """The one place that derives held-out classes -> units per epoch -> loader workers (``cfg``: the run's
+    config; ``world``: its ranks). Raises ValueError where the held-out share is impossible."""
+    held_out = held_out_classes(manifest, cfg)
+    s = cfg.sampler
+    units = epoch_units(without_classes(manifest.shards("train"), held_out), s.epoch, s.images_per_class)
+    return TrainingPlan(held_out, len(manifest.class_ids("train")) - len(held_out), units,
+                        resolve_loader_workers(s, cfg.train.cpus_per_worker, units, world))
 
 
 def without_classes(shards: list[dict], exclude: set[int]) -> list[dict]:
@@ -237,8 +259,7 @@ class BalancedStream(IterableDataset):
 
     def __init__(
         self,
-        manifest: dict,
-        root: str,
+        manifest: Manifest,
         sampler: SamplerConfig,
         augment: Callable[[torch.Tensor], torch.Tensor],
         rank: int = 0,
@@ -251,8 +272,8 @@ class BalancedStream(IterableDataset):
         verify: bool = True,
     ) -> None:
         super().__init__()
-        self.shards = without_classes(manifest["splits"][split]["shards"], exclude or set())
-        self.root = root
+        self.shards = without_classes(manifest.shards(split), exclude or set())
+        self.root = manifest.root
         self.sampler = sampler
         self.augment = augment
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -262,9 +283,9 @@ class BalancedStream(IterableDataset):
                                else (0 if sampler.loader_workers == "auto" else int(sampler.loader_workers)))
         self.min_area = min_area
         self.verify = verify
-        self.sha256 = {sh["file"]: sh.get("sha256") for sh in manifest["splits"][split]["shards"]}
+        self.sha256 = {sh["file"]: sh.get("sha256") for sh in manifest.shards(split)}
         self.counts = {cls: n for sh in self.shards for cls, n in sh["groups"]}
-        ids = sorted(c["id"] for c in manifest["classes"] if c["split"] == split)
+        ids = manifest.class_ids(split)
         self.label_of = {cid: i for i, cid in enumerate(ids)}
         # Shared with loader worker processes (forked), so persistent workers see each new epoch.
         self._epoch = multiprocessing.get_context("fork").Value("i", 0, lock=False)

@@ -20,15 +20,16 @@ import numpy as np
 import torch
 
 from pipeline.config import EvalConfig
+from pipeline.data.manifest import Manifest, Split
 from pipeline.evaluation.embed import embed_split, model_device
 from pipeline.evaluation.metrics import retrieval_metrics
 
 GAP_METRICS = ("recall_at_1", "map_at_r")
 
 
-def sample_classes(manifest: dict, split: str, exclude: set[int], max_images: int, seed: int) -> set[int]:
+def sample_classes(manifest: Manifest, split: str, exclude: set[int], max_images: int, seed: int) -> set[int]:
     """A seeded sample of a split's classes (each with all its images, at least 2), up to ``max_images`` images."""
-    classes = [c for c in manifest["classes"] if c["split"] == split and c["id"] not in exclude and c["count"] >= 2]
+    classes = [c for c in manifest.classes(split) if c["id"] not in exclude and c["count"] >= 2]
     chosen, total = set(), 0
     for c in random.Random(f"{seed}/gap/{split}").sample(classes, len(classes)):
         if total + c["count"] <= max_images:
@@ -37,11 +38,11 @@ def sample_classes(manifest: dict, split: str, exclude: set[int], max_images: in
     return chosen
 
 
-def unseen_split(manifest: dict) -> str:
-    return "test" if "test" in manifest["splits"] else "gallery"
+def unseen_split(manifest: Manifest) -> str:
+    return "test" if "test" in manifest.splits else "gallery"
 
 
-def unseen_source(manifest: dict, validating: bool, max_images: int) -> str:
+def unseen_source(manifest: Manifest, validating: bool, max_images: int) -> str:
     """What the gap's held-out side is, in words (logged with the run)."""
     if validating:
         return "validation classes (held out from the training classes)"
@@ -49,35 +50,33 @@ def unseen_source(manifest: dict, validating: bool, max_images: int) -> str:
             "(never used to choose anything)")
 
 
-def _subset_metrics(model: torch.nn.Module, manifest: dict, root: str, split: str, classes: set[int],
-                    ev: EvalConfig, image_size: int, seed: int, runtime=None) -> dict[str, float]:
-    emb, labels, _ = embed_split(model, manifest, root, split, ev, image_size, classes=classes, progress=False,
-                                 runtime=runtime)
+def _subset_metrics(model: torch.nn.Module, split: Split, ev: EvalConfig, image_size: int, seed: int,
+                    runtime=None) -> dict[str, float]:
+    emb, labels, _ = embed_split(model, split, ev, image_size, progress=False, runtime=runtime)
     out = retrieval_metrics(emb, labels, (1,), seed, engine=ev.engine, device=model_device(model), with_nmi=False)
     return {k: out[k] for k in GAP_METRICS}
 
 
-def gap_metrics(model: torch.nn.Module, manifest: dict, root: str, ev: EvalConfig, image_size: int, seed: int,
+def gap_metrics(model: torch.nn.Module, manifest: Manifest, ev: EvalConfig, image_size: int, seed: int,
                 val_classes: set[int], val_metrics: dict[str, float], runtime=None) -> dict[str, float]:
     """``gap/seen_*``, ``gap/unseen_*`` and ``gap/*`` (seen minus unseen) for Recall@1 and MAP@R."""
-    seen = sample_classes(manifest, "train", val_classes, ev.gap_images, seed)
-    out = {f"gap/seen_{k}": v for k, v in _subset_metrics(model, manifest, root, "train", seen, ev, image_size,
-                                                          seed, runtime).items()}
+    seen = manifest.split("train", sample_classes(manifest, "train", val_classes, ev.gap_images, seed))
+    out = {f"gap/seen_{k}": v for k, v in _subset_metrics(model, seen, ev, image_size, seed, runtime).items()}
     if val_classes:
         unseen = {k: val_metrics[f"val/{k}"] for k in GAP_METRICS}
     else:
         split = unseen_split(manifest)
         classes = sample_classes(manifest, split, set(), ev.gap_images, seed)
-        unseen = _subset_metrics(model, manifest, root, split, classes, ev, image_size, seed, runtime)
+        unseen = _subset_metrics(model, manifest.split(split, classes), ev, image_size, seed, runtime)
     for key in GAP_METRICS:
         out[f"gap/unseen_{key}"] = unseen[key]
         out[f"gap/{key}"] = out[f"gap/seen_{key}"] - unseen[key]
     return out
 
 
-def per_class_csv(labels: np.ndarray, per_query: dict[str, np.ndarray], manifest: dict) -> str:
+def per_class_csv(labels: np.ndarray, per_query: dict[str, np.ndarray], manifest: Manifest) -> str:
     """CSV: per query class, its images, Recall@1 and MAP@R over its queries; worst Recall@1 first."""
-    names = {c["id"]: (c["key"], c["name"]) for c in manifest["classes"]}
+    names = {c["id"]: (c["key"], c["name"]) for c in manifest.data["classes"]}
     rows = []
     for cls in np.unique(labels):
         mask = labels == cls

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pipeline.config import EvalConfig
+from pipeline.data.manifest import Split
 from pipeline.data.samples import ShardChecksumError, SplitImages
 from pipeline.runtime import Capabilities, Runtime, choose
 
@@ -19,12 +20,6 @@ from pipeline.runtime import Capabilities, Runtime, choose
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where a model's parameters live: inputs go there."""
     return next(iter(model.parameters())).device
-
-
-def split_size(manifest: dict, split: str, classes: set[int] | None = None) -> int:
-    if classes is None:
-        return manifest["splits"][split]["samples"]
-    return sum(c["count"] for c in manifest["classes"] if c["split"] == split and c["id"] in classes)
 
 
 def loader_workers(ev: EvalConfig, runtime: Runtime, shards: int) -> int:
@@ -38,11 +33,10 @@ def loader_workers(ev: EvalConfig, runtime: Runtime, shards: int) -> int:
 
 
 @torch.no_grad()
-def embed_split(model: torch.nn.Module, manifest: dict, root: str, split: str, ev: EvalConfig | None = None,
-                image_size: int = 64,
-                classes: set[int] | None = None, progress: bool = True, verify: bool = True,
-                stats: dict | None = None, runtime: Runtime | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Embeddings, labels and keys of every image of a split, or of some of its classes, in manifest order.
+def embed_split(model: torch.nn.Module, split: Split, ev: EvalConfig | None = None, image_size: int = 64,
+                progress: bool = True, stats: dict | None = None,
+                runtime: Runtime | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Embeddings, labels and keys of the images of a split (or of some of its classes), in manifest order.
     ``stats["skipped"]`` receives the number of images that could not be read. ``runtime``: the precision and
     memory format to embed with (a training worker passes its own; by default the device's: autocast and
     channels_last on a GPU, the model converted to channels_last)."""
@@ -54,15 +48,15 @@ def embed_split(model: torch.nn.Module, manifest: dict, root: str, split: str, e
         if runtime.channels_last:
             model.to(memory_format=torch.channels_last)
     memory = torch.channels_last if runtime.channels_last else torch.preserve_format
-    source = SplitImages(manifest, root, split, image_size=image_size, classes=classes, verify=verify)
+    source = SplitImages(split, image_size=image_size)
     workers = loader_workers(ev, runtime, len(source.shards))
     # Its own generator: an evaluation inside training (rank 0's validation) must not draw from the training RNG.
     cuda = device.type == "cuda"  # pinned host memory: the copy to the GPU overlaps the next batch's decoding
     data = DataLoader(source, batch_size=ev.batch_size, num_workers=workers, generator=torch.Generator(),
                       pin_memory=cuda, multiprocessing_context="fork" if workers else None)
     embs, labels, keys, places = [], [], [], []
-    expected = split_size(manifest, split, classes)
-    with tqdm(total=expected, desc=f"embed {split}", unit="img", disable=None if progress else True) as bar:
+    expected = split.size
+    with tqdm(total=expected, desc=f"embed {split.name}", unit="img", disable=None if progress else True) as bar:
         try:
             for images, cls, key, place in data:
                 with runtime.autocast():
@@ -76,18 +70,17 @@ def embed_split(model: torch.nn.Module, manifest: dict, root: str, split: str, e
             line = str(err).strip().splitlines()[-1]
             raise ShardChecksumError(line.partition("ShardChecksumError: ")[2] or line) from None
     if not embs:
-        raise RuntimeError(f"no image of split {split!r} in {root} could be read")
+        raise RuntimeError(f"no image of split {split.name!r} in {split.root} could be read")
     order = np.argsort(np.concatenate(places), kind="stable")  # the workers' batches back in manifest order
     if stats is not None:
         stats["skipped"] = stats.get("skipped", 0) + expected - len(order)
     return np.concatenate(embs)[order], np.concatenate(labels)[order], [keys[i] for i in order]
 
 
-def load_images(manifest: dict, root: str, split: str, indices: set[int],
-                classes: set[int] | None = None) -> dict[int, Image.Image]:
+def load_images(split: Split, indices: set[int]) -> dict[int, Image.Image]:
     """The decoded images at the given positions of a split's embedding order (for plots)."""
     out = {}
-    for i, (img, _, _, _) in enumerate(SplitImages(manifest, root, split, raw=True, classes=classes)):
+    for i, (img, _, _, _) in enumerate(SplitImages(split, raw=True)):
         if i in indices:
             out[i] = img
             if len(out) == len(indices):

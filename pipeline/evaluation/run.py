@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.config import Config, EvalConfig
+from pipeline.data.manifest import Manifest, Split
 from pipeline.errors import GdmlError
 from pipeline.evaluation.embed import embed_split, load_images, model_device
 from pipeline.evaluation.knn import neighbours_of
@@ -44,30 +44,20 @@ class Evaluation:
         return neighbours_of(rows, self.embeddings, k, self.ref_embeddings, device=self.device)
 
 
-def protocol_splits(manifest: dict, split: str) -> tuple[str, str | None]:
-    """(query split, gallery split or None): In-Shop style manifests evaluate 'test' as query vs gallery."""
-    splits = manifest["splits"]
-    if split == "test" and "test" not in splits and {"query", "gallery"} <= set(splits):
-        return "query", "gallery"
-    if split not in splits:
-        raise ValueError(f"split {split!r} is not in the manifest; it has: {', '.join(splits)}")
-    return split, None
-
-
-def evaluate_model(model: torch.nn.Module, manifest: dict, root: str, split: str, ev: EvalConfig,
-                   image_size: int, seed: int = 0, progress: bool = True, verify: bool = True,
+def evaluate_model(model: torch.nn.Module, manifest: Manifest, split: str, ev: EvalConfig, image_size: int,
+                   seed: int = 0, progress: bool = True, verify: bool = True,
                    max_bad_fraction: float = 1.0) -> Evaluation:
     """Embed a split (and its gallery, if any) on the model's device and compute the metrics once. More
     unreadable images than ``max_bad_fraction`` of the split raise ``TooManyUnreadable``."""
-    query_split, gallery_split = protocol_splits(manifest, split)
+    query_split, gallery_split = manifest.protocol(split)
     stats: dict[str, int] = {}
-    emb, labels, _ = embed_split(model, manifest, root, query_split, ev, image_size, progress=progress,
-                                 verify=verify, stats=stats)
+    emb, labels, _ = embed_split(model, manifest.split(query_split, verify=verify), ev, image_size,
+                                 progress=progress, stats=stats)
     gallery = gallery_labels = None
     if gallery_split:
-        gallery, gallery_labels, _ = embed_split(model, manifest, root, gallery_split, ev, image_size,
-                                                 progress=progress, verify=verify, stats=stats)
-    expected = sum(manifest["splits"][s]["samples"] for s in (query_split, gallery_split) if s)
+        gallery, gallery_labels, _ = embed_split(model, manifest.split(gallery_split, verify=verify), ev, image_size,
+                                                 progress=progress, stats=stats)
+    expected = sum(manifest.images(s) for s in (query_split, gallery_split) if s)
     skipped = stats.get("skipped", 0)
     if skipped and expected and skipped / expected > max_bad_fraction:
         raise TooManyUnreadable(f"{skipped} of {expected} images of the {split} split could not be read (over "
@@ -79,16 +69,15 @@ def evaluate_model(model: torch.nn.Module, manifest: dict, root: str, split: str
                       per_query, skipped, model)
 
 
-def validation_metrics(model: torch.nn.Module, manifest: dict, root: str, classes: set[int], ev: EvalConfig,
-                       image_size: int, seed: int = 0, runtime=None) -> dict[str, float]:
+def validation_metrics(model: torch.nn.Module, split: Split, ev: EvalConfig, image_size: int, seed: int = 0,
+                       runtime=None) -> dict[str, float]:
     """Retrieval metrics on held-out *training* classes (the sweep's objective), keyed ``val/<metric>``."""
-    emb, labels, _ = embed_split(model, manifest, root, "train", ev, image_size, classes=classes, progress=False,
-                                 runtime=runtime)
+    emb, labels, _ = embed_split(model, split, ev, image_size, progress=False, runtime=runtime)
     metrics = retrieval_metrics(emb, labels, ev.recall_at, seed, engine=ev.engine, device=model_device(model))
     return {f"val/{k}": v for k, v in metrics.items()}
 
 
-def evaluate_checkpoint(checkpoint: str, cfg: Config, manifest: dict[str, Any], split: str = "test",
+def evaluate_checkpoint(checkpoint: str, cfg: Config, manifest: Manifest, split: str = "test",
                         progress: bool = True) -> Evaluation:
     """Load a checkpoint's model and evaluate it on a split, in this process, on the device the one decision
     gives (``train.device``: CUDA where present, unless forced)."""
@@ -96,11 +85,11 @@ def evaluate_checkpoint(checkpoint: str, cfg: Config, manifest: dict[str, Any], 
     from pipeline.runtime import inference_device
 
     model, _, _ = load_model(checkpoint, inference_device(cfg.train.device))
-    return evaluate_model(model, manifest, cfg.data.root, split, cfg.eval, cfg.data.image_size, seed=cfg.train.seed,
+    return evaluate_model(model, manifest, split, cfg.eval, cfg.data.image_size, seed=cfg.train.seed,
                           progress=progress, verify=cfg.data.verify, max_bad_fraction=cfg.data.max_bad_fraction)
 
 
-def log_evaluation(tracker, ev: Evaluation, manifest: dict[str, Any], root: str, prefix: str, plots: bool = True,
+def log_evaluation(tracker, ev: Evaluation, manifest: Manifest, prefix: str, plots: bool = True,
                    seed: int = 0, image_size: int = 64) -> None:
     """Metrics as ``<prefix>/<key>`` (with ``<prefix>/skipped_images``); the per-class table; plots under
     ``plots/``: Recall@K curve, retrieval grid, the worst queries, attention maps, t-SNE."""
@@ -124,10 +113,10 @@ def log_evaluation(tracker, ev: Evaluation, manifest: dict[str, Any], root: str,
     top = min(len(nn) for nn in neighbours.values())
     wanted_refs = {j for q in neighbours for j in neighbours[q][:top]}
     if ev.ref_split is None:
-        query_images = ref_images = load_images(manifest, root, ev.query_split, set(queries) | set(worst) | wanted_refs)
+        query_images = ref_images = load_images(manifest.split(ev.query_split), set(queries) | set(worst) | wanted_refs)
     else:
-        query_images = load_images(manifest, root, ev.query_split, set(queries) | set(worst))
-        ref_images = load_images(manifest, root, ev.ref_split, wanted_refs)
+        query_images = load_images(manifest.split(ev.query_split), set(queries) | set(worst))
+        ref_images = load_images(manifest.split(ev.ref_split), wanted_refs)
     ref_labels = ev.labels if ev.ref_labels is None else ev.ref_labels
     figs = [
         ("recall_at_k", figures.recall_curve({prefix: ev.metrics})),

@@ -17,7 +17,7 @@ def _cfg(tmp_path, out, **extra):
 
 
 def _shas(manifest):
-    return [sh["sha256"] for s in sorted(manifest["splits"]) for sh in manifest["splits"][s]["shards"]]
+    return [sh["sha256"] for s in sorted(manifest.data["splits"]) for sh in manifest.data["splits"][s]["shards"]]
 
 
 def test_parallel_build_is_byte_identical_to_serial(tmp_path):
@@ -48,8 +48,8 @@ def test_unreadable_images_are_listed_and_left_out_or_fail_the_build(tmp_path):
     good = tmp_path / "raw" / "bicycle_final" / "2_1.JPG"
     good.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])  # truncated
     manifest = shards.build(_cfg(tmp_path, "ok", **{"data.max_bad_fraction": 0.1}).data)
-    assert len(manifest["bad"]) == 2 and any("1_0.JPG" in b for b in manifest["bad"])
-    assert manifest["splits"]["train"]["samples"] == 10
+    assert len(manifest.data["bad"]) == 2 and any("1_0.JPG" in b for b in manifest.data["bad"])
+    assert manifest.images("train") == 10
     with pytest.raises(shards.ShardBuildError, match="2 of 24 images are unreadable"):
         shards.build(_cfg(tmp_path, "strict", **{"data.max_bad_fraction": 0.05}).data)
 
@@ -60,7 +60,7 @@ def test_max_side_reencodes_large_images(tmp_path):
     cfg = config_mod.load(None, ["data.source=folder", f"data.path={tmp_path / 'raw'}", f"data.root={tmp_path / 's'}",
                                  "data.max_side=64", "data.train_classes=1"])
     manifest = shards.build(cfg.data)
-    with tarfile.open(tmp_path / "s" / manifest["splits"]["train"]["shards"][0]["file"]) as tar:
+    with tarfile.open(tmp_path / "s" / manifest.shards("train")[0]["file"]) as tar:
         data = tar.extractfile([n for n in tar.getnames() if n.endswith(".jpg")][0]).read()
     assert max(Image.open(io.BytesIO(data)).size) == 64
 

@@ -90,9 +90,9 @@ def _cfg(tmp_path: Path, source: str, **extra):
 def test_cub_splits_classes_1_to_100_for_training(tmp_path):
     make_cub(tmp_path / "raw")
     manifest = shards.build(_cfg(tmp_path, "cub").data)
-    assert {s: (v["classes"], v["samples"]) for s, v in manifest["splits"].items()} == \
+    assert {s: (v["classes"], v["samples"]) for s, v in manifest.data["splits"].items()} == \
         {"train": (100, 200), "test": (100, 200)}
-    first_test = next(c for c in manifest["classes"] if c["split"] == "test")
+    first_test = next(c for c in manifest.data["classes"] if c["split"] == "test")
     assert first_test["key"] == "101" and first_test["name"] == "101.Bird_101"
 
 
@@ -108,18 +108,16 @@ def test_cars196_reads_the_mat_file_and_splits_at_98(tmp_path):
 def test_sop_uses_its_train_and_test_lists(tmp_path):
     make_sop(tmp_path / "raw")
     manifest = shards.build(_cfg(tmp_path, "sop").data)
-    assert {s: (v["classes"], v["samples"]) for s, v in manifest["splits"].items()} == \
+    assert {s: (v["classes"], v["samples"]) for s, v in manifest.data["splits"].items()} == \
         {"train": (4, 12), "test": (4, 12)}
 
 
 def test_inshop_has_train_query_and_gallery(tmp_path):
-    from pipeline.evaluation.run import protocol_splits
-
     make_inshop(tmp_path / "raw")
     manifest = shards.build(_cfg(tmp_path, "inshop").data)
-    assert {s: (v["classes"], v["samples"]) for s, v in manifest["splits"].items()} == \
+    assert {s: (v["classes"], v["samples"]) for s, v in manifest.data["splits"].items()} == \
         {"train": (3, 9), "query": (3, 3), "gallery": (3, 6)}
-    assert protocol_splits(manifest, "test") == ("query", "gallery")
+    assert manifest.protocol("test") == ("query", "gallery")
 
 
 @pytest.mark.parametrize(("rule", "expected"), [(None, 2), (3, 3), ("[bee,eel]", 2)])
@@ -127,7 +125,7 @@ def test_image_folder_split_rules(tmp_path, rule, expected):
     make_folder(tmp_path / "raw")
     extra = {} if rule is None else {"data.train_classes": rule}
     manifest = shards.build(_cfg(tmp_path, "folder", **{"data.train_fraction": 0.4, **extra}).data)
-    train = [c["key"] for c in manifest["classes"] if c["split"] == "train"]
+    train = [c["key"] for c in manifest.data["classes"] if c["split"] == "train"]
     assert len(train) == expected
     if rule == "[bee,eel]":
         assert train == ["bee", "eel"]
@@ -153,11 +151,10 @@ def test_inshop_is_evaluated_query_against_gallery(tmp_path):
     manifest = shards.build(_cfg(tmp_path, "inshop").data)
     torch.manual_seed(0)
     model = Embedder(model_cfg(adversary=False), 3, image_size=32).eval()
-    ev = evaluate_model(model, manifest, str(tmp_path / "shards"), "test", EvalConfig(recall_at=[1, 2]), 32,
-                        progress=False)
+    ev = evaluate_model(model, manifest, "test", EvalConfig(recall_at=[1, 2]), 32, progress=False)
     assert (ev.query_split, ev.ref_split) == ("query", "gallery")
     assert len(ev.labels) == 3 and len(ev.ref_labels) == 6
-    q, ql, _ = embed_split(model, manifest, str(tmp_path / "shards"), "query", image_size=32, progress=False)
-    g, gl, _ = embed_split(model, manifest, str(tmp_path / "shards"), "gallery", image_size=32, progress=False)
+    q, ql, _ = embed_split(model, manifest.split("query"), image_size=32, progress=False)
+    g, gl, _ = embed_split(model, manifest.split("gallery"), image_size=32, progress=False)
     assert ev.metrics == retrieval_metrics(q, ql, (1, 2), gallery=g, gallery_labels=gl)  # query vs gallery
     assert ev.metrics["recall_at_2"] >= ev.metrics["recall_at_1"]

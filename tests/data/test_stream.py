@@ -38,14 +38,14 @@ def _sampler(**values):
 
 def _stream(cfg, rank=0, world=1, root=None, sampler=None, **kwargs):
     root = root or cfg.data.root
-    return BalancedStream(shards.load_manifest(root), str(root), sampler or cfg.sampler,
+    return BalancedStream(shards.load_manifest(root), sampler or cfg.sampler,
                           train_augment(cfg.augment, cfg.data.image_size), rank=rank, world_size=world, seed=3,
                           **kwargs)
 
 
 @pytest.mark.parametrize("world,workers,p", [(1, 1, 2), (2, 1, 2), (2, 2, 2), (3, 2, 2), (2, 1, 5), (3, 1, 7)])
 def test_epoch_plan_gives_every_slot_equal_pieces_covering_every_class(tiny_shards, world, workers, p):
-    train = shards.load_manifest(tiny_shards)["splits"]["train"]["shards"]
+    train = shards.load_manifest(tiny_shards).shards("train")
     slots = world * workers
     for epoch in range(3):
         padded = [plan_epoch(train, Slot(r, world, w, workers), p, seed=1, epoch=epoch)
@@ -62,7 +62,7 @@ def test_epoch_plan_gives_every_slot_equal_pieces_covering_every_class(tiny_shar
 
 @pytest.mark.parametrize("m", [2, 3, 4])
 def test_images_epoch_covers_every_image_once_in_m_image_units(uneven_shards, m):
-    train = shards.load_manifest(uneven_shards)["splits"]["train"]["shards"]
+    train = shards.load_manifest(uneven_shards).shards("train")
     counts = {cls: n for sh in train for cls, n in sh["groups"]}
     assert sorted(counts.values()) == sorted(SIZES)
     units = epoch_units(train, "images", m)
@@ -157,10 +157,10 @@ def test_corrupt_images_and_a_truncated_shard_are_skipped_and_no_class_is_droppe
     root = tmp_path / "broken"
     shutil.copytree(uneven_shards, root)
     manifest = shards.load_manifest(root)
-    files = [s["file"] for s in manifest["splits"]["train"]["shards"]]
+    files = [s["file"] for s in manifest.shards("train")]
     # 1) two images of the first shard's largest class replaced by garbage
     first = root / files[0]
-    groups = manifest["splits"]["train"]["shards"][0]["groups"]
+    groups = manifest.shards("train")[0]["groups"]
     victim, _ = max(groups, key=lambda g: g[1])
     with tarfile.open(first) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
@@ -179,7 +179,7 @@ def test_corrupt_images_and_a_truncated_shard_are_skipped_and_no_class_is_droppe
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
 
     cfg = tiny_config(tmp_path, **{"data.root": str(root)})
-    label = sorted(c["id"] for c in manifest["classes"] if c["split"] == "train").index(victim)
+    label = sorted(c["id"] for c in manifest.data["classes"] if c["split"] == "train").index(victim)
     for mode in ("classes", "images"):
         stream = _stream(cfg, root=root, sampler=_sampler(images_per_class=2, batch_size=8, epoch=mode), verify=False)
         batches = list(stream)
@@ -211,7 +211,7 @@ def test_a_shard_altered_in_place_stops_the_stream_and_evaluation_reads(tmp_path
     shutil.copytree(tiny_shards, root)
     manifest = shards.load_manifest(root)
     for split in ("train", "test"):
-        path = root / manifest["splits"][split]["shards"][0]["file"]
+        path = root / manifest.data["splits"][split]["shards"][0]["file"]
         data = bytearray(path.read_bytes())
         data[700] ^= 0xFF  # same size, one byte changed (inside the first image)
         path.write_bytes(bytes(data))
@@ -220,14 +220,14 @@ def test_a_shard_altered_in_place_stops_the_stream_and_evaluation_reads(tmp_path
     with pytest.raises(ShardChecksumError, match="does not match the sha256 its manifest recorded"):
         list(_stream(cfg, root=root))
     with pytest.raises(ShardChecksumError):
-        list(SplitImages(manifest, str(root), "test", image_size=32))
-    assert len(list(SplitImages(manifest, str(root), "test", image_size=32, verify=False))) >= 47
+        list(SplitImages(manifest.split("test"), image_size=32))
+    assert len(list(SplitImages(manifest.split("test", verify=False), image_size=32))) >= 47
     # embedded with loader workers: the worker's error reaches the caller as the same one line
     from pipeline.config import EvalConfig
     from pipeline.evaluation.embed import embed_split
 
     with pytest.raises(ShardChecksumError) as err:
-        embed_split(_Pixels(), manifest, str(root), "test", EvalConfig(loader_workers=2), 32, progress=False)
+        embed_split(_Pixels(), manifest.split("test"), EvalConfig(loader_workers=2), 32, progress=False)
     assert "\n" not in str(err.value) and str(err.value).endswith("(rebuild it: gdml shards build --force; or "
                                                                    "check: gdml shards verify)")
     assert str(err.value).startswith(str(root))
@@ -252,19 +252,19 @@ def test_loader_workers_embed_a_split_as_one_process_does_and_count_what_they_sk
     from pipeline.evaluation.embed import embed_split
 
     manifest = shards.load_manifest(tiny_shards)
-    classes = None if split == "test" else {c["id"] for c in manifest["classes"] if c["split"] == "train"}
-    one = embed_split(_Pixels(), manifest, str(tiny_shards), split, EvalConfig(batch_size=5, loader_workers=0), 32,
-                      classes=classes, progress=False)
-    assert len(manifest["splits"][split]["shards"]) >= 3  # so that 3 workers each get shards
+    classes = None if split == "test" else {c["id"] for c in manifest.data["classes"] if c["split"] == "train"}
+    one = embed_split(_Pixels(), manifest.split(split, classes), EvalConfig(batch_size=5, loader_workers=0), 32,
+                      progress=False)
+    assert len(manifest.data["splits"][split]["shards"]) >= 3  # so that 3 workers each get shards
     stats: dict = {}
-    three = embed_split(_Pixels(), manifest, str(tiny_shards), split, EvalConfig(batch_size=5, loader_workers=3), 32,
-                        classes=classes, progress=False, stats=stats)
+    three = embed_split(_Pixels(), manifest.split(split, classes), EvalConfig(batch_size=5, loader_workers=3), 32,
+                        progress=False, stats=stats)
     assert np.array_equal(one[0], three[0]) and np.array_equal(one[1], three[1]) and one[2] == three[2]
     assert stats["skipped"] == 0 and len(set(one[2])) == len(one[2])
 
     root = tmp_path / "broken"
     shutil.copytree(tiny_shards, root)
-    last = root / manifest["splits"][split]["shards"][-1]["file"]  # (read by the last worker)
+    last = root / manifest.data["splits"][split]["shards"][-1]["file"]  # (read by the last worker)
     with tarfile.open(last) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(last, "w") as tar:
@@ -275,8 +275,8 @@ def test_loader_workers_embed_a_split_as_one_process_does_and_count_what_they_sk
                 member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
     stats = {}
-    emb, labels, keys = embed_split(_Pixels(), manifest, str(root), split, EvalConfig(loader_workers=3), 32,
-                                    classes=classes, progress=False, verify=False, stats=stats)
+    broken = shards.load_manifest(root).split(split, classes, verify=False)
+    emb, labels, keys = embed_split(_Pixels(), broken, EvalConfig(loader_workers=3), 32, progress=False, stats=stats)
     assert stats["skipped"] == 1 and len(keys) == len(one[2]) - 1
     assert keys == [k for k in one[2] if k in set(keys)]  # still in manifest order
 

@@ -27,10 +27,10 @@ def _png(img: Image.Image) -> bytes:
 def _test_image(root):
     """The first test-split image's bytes (it is in the gallery, so it must find itself)."""
     manifest = shards.load_manifest(root)
-    first = manifest["splits"]["test"]["shards"][0]
+    first = manifest.shards("test")[0]
     with tarfile.open(root / first["file"]) as tar:
         name = sorted(n for n in tar.getnames() if n.endswith(".png"))[0]
-        return tar.extractfile(name).read(), manifest["classes"][first["groups"][0][0]]["name"]
+        return tar.extractfile(name).read(), manifest.data["classes"][first["groups"][0][0]]["name"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_package_registers_an_exact_index_and_queries_find_the_image_itself(pack
     done, uri, _ = packaged
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert done.model_uri == "models:/tiny-retrieval@champion" and done.index_kind == "flat"
-    assert done.gallery_size == shards.load_manifest(tiny_shards)["splits"]["test"]["samples"]
+    assert done.gallery_size == shards.load_manifest(tiny_shards).images("test")
     image, label = _test_image(tiny_shards)
     [result] = query(done.model_uri, [image], k=3)
     assert result["labels"][0] == label and result["scores"][0] == pytest.approx(1.0, abs=1e-4)

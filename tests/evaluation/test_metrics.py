@@ -282,6 +282,6 @@ def test_evaluation_embeds_on_the_models_own_device(tiny_shards):
     from pipeline.evaluation.embed import embed_split
 
     model = _RecordsItsInputDevice()
-    emb, labels, _ = embed_split(model, load_manifest(tiny_shards), str(tiny_shards), "test",
+    emb, labels, _ = embed_split(model, load_manifest(tiny_shards).split("test"),
                                  EvalConfig(batch_size=16), 32, progress=False)
     assert model.seen == {"meta"} and emb.shape == (len(labels), 4)
