@@ -88,14 +88,14 @@ def test_lost_workers_restart_then_give_up_in_one_line_and_the_rerun_resumes_exa
         return real_fit(cfg, tracker, name, local, progress, Hooks(trace_dir=str(trace)), epoch_gate, callbacks)
 
     monkeypatch.setattr(launch, "fit", traced_fit)
-    base = config_mod.with_values(tiny_cfg, {"train.epochs": 5, "train.workers": 2, "train.max_failures": 1,
+    base = config_mod.with_values(tiny_cfg, {"train.epochs": 4, "train.workers": 2, "train.max_failures": 1,
                                              "sampler.loader_workers": 2, "sampler.remainder": "drop"})
     assert base.model.adversary.schedule == "dann"  # the DANN ramp, by default: resuming must keep its horizon
     steps = 2  # per epoch and rank: 24 classes / (2 ranks x 2 loader workers x P=4), one strict pass
     straight = train_and_evaluate(config_mod.with_values(base, {"train.name": "straight"}), local=False,
                                   progress=False)
-    check_mlflow(straight, epochs=5)
-    check_two_rank_trace(tmp_path / "trace-straight", epochs=5)
+    check_mlflow(straight, epochs=4)
+    check_two_rank_trace(tmp_path / "trace-straight", epochs=4)
     params = MlflowClient(straight.tracking_uri).get_run(straight.run_id).data.params
     assert params["runtime.loader_workers"] == "2" and params["runtime.world_size"] == "2"
 
@@ -133,12 +133,12 @@ def test_lost_workers_restart_then_give_up_in_one_line_and_the_rerun_resumes_exa
 
     resumed = train_and_evaluate(config_mod.with_values(faulty, {"fault.crash_rank": None, "fault.crash_step": None}),
                                  local=False, progress=False, plots=False)
-    assert resumed.run_id == run.info.run_id and _history(resumed) == [1, 2, 3, 4, 5]  # each epoch logged once
+    assert resumed.run_id == run.info.run_id and _history(resumed) == [1, 2, 3, 4]  # each epoch logged once
     assert client.get_run(resumed.run_id).info.status == "FINISHED"
     assert_same_state(load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint))
     for rank in (0, 1):  # a rank writes an epoch down when its training ends: each epoch exactly once, in order
         trained = [int(e) for e in (tmp_path / "trace-faulty" / f"rank{rank}-epochs.log").read_text().split()]
-        assert trained == [1, 2, 3, 4, 5], (rank, trained)
+        assert trained == [1, 2, 3, 4], (rank, trained)
 
 
 @pytest.mark.full

@@ -231,7 +231,7 @@ def check_two_rank_trace(trace, epochs: int) -> None:
     for rank in (0, 1):
         devices = json.loads((trace / f"rank{rank}-devices.json").read_text())
         # rank 0 validates (val/* and gap/*); the other ranks wait at the report
-        assert devices == {"decided": "cpu", "batches": ["cpu"], "parameters": ["cpu"],
+        assert devices == {"backend": "gloo", "decided": "cpu", "batches": ["cpu"], "parameters": ["cpu"],
                            "validation": "cpu" if rank == 0 else None}
     drawn_per_epoch = []
     for epoch in range(1, epochs + 1):
