@@ -126,21 +126,25 @@ def relevant_ranks_torch(query: np.ndarray, labels: np.ndarray, gallery: np.ndar
     ahead = torch.zeros((n, width), dtype=torch.int64, device=device)
     floor = lo.min(dim=1).values  # a score below a row's lowest threshold is neither ahead of nor near any slot
 
-    def scan(S: torch.Tensor, r0: int, c0: int) -> None:
-        """Count, for rows r0.. of the block S (against columns c0..), the items ahead of each relevant one."""
-        r1 = r0 + S.shape[0]
+    def scan(S: torch.Tensor, r0: int, c0: int, by_column: bool = False) -> None:
+        """Count the items ahead of each relevant one for the queries of the block S's rows (r0..) against its
+        columns (c0..); ``by_column``: for the queries of its columns against its rows (the transposed block,
+        read in place)."""
+        r1, c1 = r0 + S.shape[0], c0 + S.shape[1]
         if not candidates_first:
             band = torch.zeros_like(S, dtype=torch.bool)
             for k in range(width):
                 ahead[r0:r1, k] += (S > hi[r0:r1, k:k + 1]).sum(dim=1)
                 band |= (S >= lo[r0:r1, k:k + 1]) & (S <= hi[r0:r1, k:k + 1])
-            hits = band.nonzero(as_tuple=True)  # what is left: the band, recomputed exactly below
+            local_rows, local_cols = band.nonzero(as_tuple=True)  # what is left: the band, recomputed exactly below
+        elif by_column:
+            local_rows, local_cols = (S >= floor[None, c0:c1]).nonzero(as_tuple=True)  # one pass over the block
         else:
-            hits = (S >= floor[r0:r1, None]).nonzero(as_tuple=True)  # one pass over the block
-        local_rows, local_cols = hits
+            local_rows, local_cols = (S >= floor[r0:r1, None]).nonzero(as_tuple=True)
         for p0 in range(0, len(local_rows), _PAIRS_PER_CHUNK):  # then only the candidates, slot by slot
             lr, lc = local_rows[p0:p0 + _PAIRS_PER_CHUNK], local_cols[p0:p0 + _PAIRS_PER_CHUNK]
-            rows, cols, s = lr + r0, lc + c0, S[lr, lc][:, None]
+            s = S[lr, lc][:, None]
+            rows, cols = (lc + c0, lr + r0) if by_column else (lr + r0, lc + c0)  # (query, item)
             if candidates_first:
                 ahead.index_add_(0, rows, (s > hi[rows]).long())
             within = (s >= lo[rows]) & (s <= hi[rows])
@@ -153,7 +157,7 @@ def relevant_ranks_torch(query: np.ndarray, labels: np.ndarray, gallery: np.ndar
             ahead.index_add_(0, rows, (within & beats).long())
 
     # A query set searched against itself has a symmetric score matrix: each square block off the diagonal is
-    # computed once and scanned for its rows and, transposed, for its columns' rows (square blocks of the same size).
+    # computed once and scanned for its rows' queries and, in place, for its columns' (square blocks, as many scores).
     symmetric = self_search and candidates_first
     if symmetric:
         side = block_rows = block_cols = math.isqrt(block_rows * block_cols)
@@ -169,5 +173,5 @@ def relevant_ranks_torch(query: np.ndarray, labels: np.ndarray, gallery: np.ndar
                 S[own - r0, own - c0] = float("-inf")
             scan(S, r0, c0)
             if symmetric and c0 != r0:
-                scan(S.T, c0, r0)
+                scan(S, r0, c0, by_column=True)
     return (ahead + 1).cpu().numpy(), R
