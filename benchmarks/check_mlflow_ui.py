@@ -100,10 +100,11 @@ def check(store: str, experiment: str, screenshots: Path | None = None, run_ids:
 
     def curves(page, what: str, samples: int) -> None:
         """A chart drew its data: a curve (Plotly's ``.js-line``) where the run has two samples or more, else the
-        one sample's bar; not a spinner."""
+        one sample's bar (some chart's: a bar of value 0, as a first CPU sample often is, has no width); not a
+        spinner."""
         selector, drawn = ("path.js-line", "a curve") if samples >= 2 else (".main-svg .trace path", "its sample")
         try:
-            page.locator(selector).first.wait_for(state="visible", timeout=TIMEOUT_MS)
+            page.locator(f"{selector} >> visible=true").first.wait_for(state="visible", timeout=TIMEOUT_MS)
         except Exception:  # noqa: BLE001
             missing.append(f"{what}: no chart drew {drawn}")
 

@@ -274,8 +274,10 @@ class Tracker:
     unsent writes, in order, are the journal ``journal_dir/<journal_name>`` until they go through (``close``
     waits a while for that; ``gdml replay`` sends a journal later).
 
-    As a context manager it ends the run: FINISHED (also on ``sys.exit(0)``), KILLED on an interrupt (Ctrl-C,
-    SIGTERM), FAILED on any other error.
+    As a context manager it ends the run: FINISHED, KILLED on an interrupt (Ctrl-C, SIGTERM), FAILED on any other
+    error; on ``sys.exit(0)`` it leaves the run as it is (Ray Tune ends a trial's function that way, stopped early
+    or at its last report, and the sweep closes the trial's runs from Tune's results: a late FINISHED from the
+    trial's own process must not overwrite the KILLED of a trial ASHA stopped).
     """
 
     def __init__(self, uri: str | None, run_id: str | None, journal_dir: str | Path | None = None,
@@ -325,9 +327,10 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        # (a Ray Tune trial that Tune ends, at its last epoch or early, leaves its function by sys.exit(0))
-        if exc_type is None or (issubclass(exc_type, SystemExit) and exc.code in (0, None)):
+        if exc_type is None:
             self.end("FINISHED")
+        elif issubclass(exc_type, SystemExit) and exc.code in (0, None):
+            pass  # a Ray Tune trial that Tune ended: the sweep closes its runs (sweep.trial_outcomes)
         elif issubclass(exc_type, KeyboardInterrupt):
             self.end("KILLED")
         else:
