@@ -32,6 +32,9 @@ from pipeline.config import Config
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the suite's own throwaway Ray runtimes, on the loopback only
 os.environ.setdefault("TQDM_DISABLE", "1")
+# Ray Train's controller polls its workers every 2 s by default, so a run's end, a lost worker and every report that
+# Tune paces epochs by reach it up to 2 s late: the suite's runs last seconds, so its throwaway runtimes poll often
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 MACHINE_TMP = Path(tempfile.gettempdir())
 SUITE_TMP = Path(tempfile.mkdtemp(prefix="gdml-suite-", dir=MACHINE_TMP))
