@@ -407,5 +407,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_setup(item: pytest.Item) -> None:
     import torch
 
-    if "gpu" in item.keywords and not torch.cuda.is_available() and _gpu_unusable():
-        pytest.fail(_gpu_unusable(), pytrace=False)
+    problem = _gpu_unusable() if "gpu" in item.keywords and not torch.cuda.is_available() else None
+    if problem:
+        pytest.fail(problem, pytrace=False)

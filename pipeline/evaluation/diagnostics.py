@@ -23,6 +23,7 @@ from pipeline.config import EvalConfig
 from pipeline.data.manifest import Manifest, Split
 from pipeline.evaluation.embed import embed_split, model_device
 from pipeline.evaluation.metrics import retrieval_metrics
+from pipeline.runtime import Runtime
 
 GAP_METRICS = ("recall_at_1", "map_at_r")
 
@@ -51,14 +52,15 @@ def unseen_source(manifest: Manifest, validating: bool, max_images: int) -> str:
 
 
 def _subset_metrics(model: torch.nn.Module, split: Split, ev: EvalConfig, image_size: int, seed: int,
-                    runtime=None) -> dict[str, float]:
+                    runtime: Runtime | None = None) -> dict[str, float]:
     emb, labels, _ = embed_split(model, split, ev, image_size, progress=False, runtime=runtime)
     out = retrieval_metrics(emb, labels, (1,), seed, engine=ev.engine, device=model_device(model), with_nmi=False)
     return {k: out[k] for k in GAP_METRICS}
 
 
 def gap_metrics(model: torch.nn.Module, manifest: Manifest, ev: EvalConfig, image_size: int, seed: int,
-                val_classes: set[int], val_metrics: dict[str, float], runtime=None) -> dict[str, float]:
+                val_classes: set[int], val_metrics: dict[str, float], runtime: Runtime | None = None
+                ) -> dict[str, float]:
     """``gap/seen_*``, ``gap/unseen_*`` and ``gap/*`` (seen minus unseen) for Recall@1 and MAP@R."""
     seen = manifest.split("train", sample_classes(manifest, "train", val_classes, ev.gap_images, seed))
     out = {f"gap/seen_{k}": v for k, v in _subset_metrics(model, seen, ev, image_size, seed, runtime).items()}

@@ -14,6 +14,7 @@ from pipeline.errors import GdmlError
 from pipeline.evaluation.embed import embed_split, load_images, model_device
 from pipeline.evaluation.knn import neighbours_of
 from pipeline.evaluation.metrics import retrieval_metrics
+from pipeline.runtime import Runtime
 
 
 class TooManyUnreadable(GdmlError):
@@ -70,7 +71,7 @@ def evaluate_model(model: torch.nn.Module, manifest: Manifest, split: str, ev: E
 
 
 def validation_metrics(model: torch.nn.Module, split: Split, ev: EvalConfig, image_size: int, seed: int = 0,
-                       runtime=None) -> dict[str, float]:
+                       runtime: Runtime | None = None) -> dict[str, float]:
     """Retrieval metrics on held-out *training* classes (the sweep's objective), keyed ``val/<metric>``."""
     emb, labels, _ = embed_split(model, split, ev, image_size, progress=False, runtime=runtime)
     metrics = retrieval_metrics(emb, labels, ev.recall_at, seed, engine=ev.engine, device=model_device(model))
