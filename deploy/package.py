@@ -1,9 +1,5 @@
-"""Package a trained model with its gallery index as a registered MLflow pyfunc model.
-
-The gallery (a split of the shards) is embedded once; its FAISS index is exact (``IndexFlatIP``) below
-``ivf_threshold`` items and inverted-file (``IndexIVFFlat``, nlist ~ 4 sqrt(n)) above it. The model is logged
-*from code* (``deploy/retrieval_model.py``): the artifacts are the checkpoint (weights + config, which holds
-the preprocessing), the index, and the id -> label/path map; no Python object is pickled.
+"""Package a trained model with its gallery index (exact below ``ivf_threshold`` items, IVF above) as a
+registered MLflow pyfunc model, logged from code: no Python object is pickled.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""The served retrieval model, logged to MLflow *from code* (no pickled Python): embedder + gallery index.
-
-Input: a DataFrame with a column ``image`` of base64-encoded images (PNG, JPEG, ...); parameter ``k``.
-Output: one result per row: ``{"ids": [...], "labels": [...], "paths": [...], "scores": [...]}``, or
-``{"error": "..."}`` for a row that cannot be answered (not an image, truncated, too large, bad k), so one
-bad image never costs the other rows their answers, and the server keeps serving.
+"""The served retrieval model, logged to MLflow from code: embedder + gallery index. Input: a DataFrame with
+base64 ``image``s and parameter ``k``; output per row ``{"ids", "labels", "paths", "scores"}`` or ``{"error"}``.
 """
 
 from __future__ import annotations

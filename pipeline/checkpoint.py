@@ -1,8 +1,6 @@
-"""Checkpoints: writing, reading, finding the newest, and loading a trained model from one.
+"""Checkpoints: writing, reading, finding the newest, and loading a trained model from one (no Ray here).
 
-No Ray, no training loop, no data pipeline here: the served model and ``gdml eval`` load models through this
-module alone. A checkpoint is one directory ``checkpoint_epoch=NNNN`` holding ``model.pt``: tensors and plain
-values only, loadable with ``torch.load(..., weights_only=True)``, which executes no code.
+A checkpoint is a directory ``checkpoint_epoch=NNNN`` holding ``model.pt``, loadable with ``weights_only=True``.
 """
 
 from __future__ import annotations

@@ -1,12 +1,6 @@
-"""What a Ray cluster can hold, asked of the cluster's own description rather than read from the nodes that happen
-to be up: a cluster launched from ``ray_cluster.yaml`` starts with no worker node, and its autoscaler starts nodes
-of the listed types when work asks for them.
-
-The node types come from ``train.cluster_file`` or, on a head started by ``ray up``, the launcher's own copy
-(``~/ray_bootstrapped_config.yaml``); without either, the cluster is the nodes up now (a fixed cluster, or one
-machine). From them: whether workers ask for GPUs (``train.device=auto``: where some node type has one), how many
-trainings a sweep runs at once, and whether a run can ever be placed (else one line naming the key to change,
-before any work)."""
+"""What a Ray cluster can hold, read from its node types (``train.cluster_file`` or
+``~/ray_bootstrapped_config.yaml``), not from the nodes up now. Details: docs/internals.md.
+"""
 
 from __future__ import annotations
 

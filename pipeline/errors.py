@@ -1,7 +1,5 @@
-"""Failures a user meets, each phrased as one line: the CLI prints ``gdml: <message>`` and exits with its code.
-
-Configuration mistakes are ``config.ConfigError`` (exit code 2, before any work); the rest derive from
-``GdmlError``.
+"""Failures a user meets, each one line: the CLI prints ``gdml: <message>`` and exits with its code
+(``config.ConfigError``: 2, before any work; the rest derive from ``GdmlError``).
 """
 
 from __future__ import annotations

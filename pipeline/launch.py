@@ -1,6 +1,5 @@
-"""The driver side of one training run: data, checks, Ray Train (or local mode), evaluation, MLflow.
-
-Nothing here runs on a worker; the per-worker function lives in ``pipeline.train``.
+"""The driver side of one training run: data, checks, Ray Train (or local mode), evaluation, MLflow (the
+per-worker function is ``pipeline.train``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""Training objectives: a pytorch-metric-learning DML loss (pairs formed across ranks) + the adversarial loss.
-
-``TrainModule`` holds the embedder *and* the metric loss, so that a loss's own parameters (proxies) sit
-inside the DDP-wrapped module and are synchronised across ranks like every other weight.
+"""Training objectives: a pytorch-metric-learning DML loss (pairs formed across ranks) + the adversarial loss;
+``TrainModule`` holds the loss's proxies inside the DDP module, synchronised like every weight.
 """
 
 from __future__ import annotations

@@ -1,13 +1,5 @@
-"""Epoch pacing: hold a training's ranks before each epoch until whoever drives the run lets that epoch start.
-
-A Ray Tune trial drives its Ray Train run through reports that travel asynchronously (worker -> Train
-controller -> trial -> Tune's scheduler). Without pacing the workers go straight on into the next epoch while
-the scheduler is still deciding, so a trial that ASHA stops at a rung has already paid for (much of) one more
-epoch: with a grace period of one epoch that doubles the cost of every trial stopped at the first rung. With an
-``EpochGate`` in the worker's config (``epoch_gate``), every rank waits before epoch ``e`` (0-based) until the
-driver has let ``e + 1`` epochs start, which a sweep's trial does once Tune has accepted the report of epoch
-``e`` (1-based: the one before).
-The wait is one round trip per epoch (well under a second); a stopped trial ends while its ranks wait.
+"""Epoch pacing: every rank waits before each epoch until the trial driving the run lets it start (once Tune
+accepted the epoch before), so a trial ASHA stops at a rung trains no further. Details: docs/internals.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,5 @@
-"""The one device and precision decision: every stage that runs a model asks here.
-
-- A training worker's device comes from Ray Train (``ray.train.torch.get_device()``: the GPU it was given) when
-  Ray gave it one; local mode, evaluation, packaging, serving and ``gdml query`` take CUDA where present.
-  ``train.device`` (``auto``, ``cpu``, ``cuda``) may force the choice; ``cuda`` without a visible GPU is an error.
-- Precision and memory format follow the device: bf16 autocast on GPUs that support it, else fp16 with loss
-  scaling; channels_last and pinned host memory on GPUs; float32 NCHW on CPU (``train.amp`` and
-  ``train.channels_last`` may force a choice).
-
-Both decisions are pure functions of what is requested and what the hardware offers, so they are unit-tested on
-machines without a GPU; :func:`worker_runtime` and :func:`inference_device` feed them the real hardware.
+"""The one device and precision decision every stage that runs a model asks: pure functions of what is
+requested and what the hardware offers (unit-tested without a GPU). Details: docs/internals.md.
 """
 
 from __future__ import annotations

@@ -1,19 +1,5 @@
-"""MLflow: where runs go, and every call gdml makes to it.
-
-One style: a :class:`Tracker` (one run, through ``MlflowClient``) for everything a run logs, and a few
-functions for what is not about one run (finding runs, checking a server). The only fluent MLflow call in
-gdml is ``mlflow.pyfunc.log_model``, which has no client form; :meth:`Tracker.active` bridges to it.
-
-Training never waits on tracking. The training worker's tracker sends from a background thread
-(``background=True``); what a server that went away could not take is kept, in order, in a journal file beside
-the run's checkpoints (one warning line), and sent when the server answers again. At the end of a run the driver
-waits up to ``tracking.outage_wait`` seconds for the server and replays the journal; an epoch already logged is
-never logged twice. What is still unsent stays in the journal: ``gdml replay JOURNAL`` sends it later. gdml's
-processes ask MLflow's HTTP client to fail fast (``fail_fast_http``), since these retries are gdml's own.
-
-Default store: ``sqlite:///<cwd>/mlflow.db`` with artifacts in ``<cwd>/mlruns`` (absolute, so Ray workers,
-which run in their own directories, write to the same place); ``MLFLOW_TRACKING_URI`` or
-``tracking.uri`` point elsewhere (a team server: ``http://host:5000``).
+"""MLflow: where runs go, and every call gdml makes to it: a :class:`Tracker` per run, a few functions for the
+rest. Training never waits on tracking: writes a server did not take wait in a journal. Details: docs/internals.md.
 """
 
 from __future__ import annotations

@@ -1,12 +1,5 @@
-"""The per-worker training function: pure torch plus ``ray.train`` calls.
-
-Ray Train runs it on every DDP rank; local mode (``ScalingConfig(num_workers=0)``) runs the very same
-function in the driver process. The driver (``pipeline.launch``) hands it one :class:`WorkerArgs` (Ray Train's
-``train_loop_config`` only carries it); what tests and benchmarks hook in travels in its :class:`Hooks`.
-
-The function reads as its steps: set up the worker, its data and its model; resume if there is a checkpoint;
-then per epoch train, validate (rank 0), checkpoint and report. What a rank resumes from is one
-``pipeline.checkpoint.TrainState``, saved and loaded whole.
+"""The per-worker training function, on every DDP rank (local mode: in the driver): set up; resume from one
+``TrainState``; per epoch train, validate (rank 0), checkpoint and report. It receives one :class:`WorkerArgs`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""The framework's ablation variants: which of its two parts (attention over taps, class adversary) are on.
-
-One list, used by the demo, the ablation, run tags and the CLI alike.
+"""The framework's ablation variants (attention over taps, class adversary on or off): one list for the demo,
+the ablation, run tags and the CLI.
 """
 
 from __future__ import annotations

@@ -1,11 +1,5 @@
-"""The claim, measured: {baseline, +attention, +adversary, +both} x base losses x seeds, on unseen classes.
-
-Every run trains on all training classes with the same budget and is evaluated once on the unseen test
-classes. Ray Tune is the executor (a grid; as many runs at once as the cluster's resources hold); every run is
-an MLflow child of one parent run, which also gets the markdown table (mean +- std over seeds) and a plot.
-
-    gdml ablate --config configs/demo.yaml [--losses contrastive triplet multi_similarity] [--seeds 0 1 2]
-        [--set train.workers=1]   # on a small machine: more runs side by side instead of DDP within one
+"""The claim, measured: {baseline, +attention, +adversary, +both} x losses x seeds on unseen classes, a Ray Tune
+grid with one MLflow parent run (table and plot). ``gdml ablate --config configs/demo.yaml``.
 """
 
 from __future__ import annotations

@@ -1,15 +1,5 @@
-"""Hyper-parameter sweeps with Ray Tune: validated on held-out training classes, tested once.
-
-Each trial is a driver function that builds a Ray Train ``TorchTrainer`` (the current Ray Train pattern) and
-forwards its per-epoch reports to Tune. Trials are scored on ``val/<metric>``: classes held out from the
-*training* classes (``train.val_fraction``). The best configuration is then retrained on all training
-classes and evaluated once on the unseen test classes: that is the number reported. MLflow holds one parent
-run per sweep, a child run per trial (``mlflow.parentRunId``), the best trial tagged, and the final run.
-
-This file is also what ``ray submit`` ships to a cluster's head node:
-
-    python tuning/sweep.py --config configs/sweep_demo.yaml [--set key=value ...]
-    ray submit ray_cluster.yaml tuning/sweep.py -- --config configs/sweep_demo.yaml
+"""Hyper-parameter sweeps with Ray Tune: trials scored on held-out training classes, the best retrained on all
+and tested once. Also what ``ray submit ray_cluster.yaml tuning/sweep.py -- --config FILE`` runs.
 """
 
 from __future__ import annotations

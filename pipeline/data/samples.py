@@ -1,10 +1,5 @@
-"""Reading samples from shards: where a shard is, how its samples are read and checked, how an image decodes,
-and every image of a split in order.
-
-Shards are WebDataset tar files (ustar, as gdml writes them). ``read_shard`` opens one with WebDataset's
-``gopen`` (local paths, URLs, ``pipe:`` commands) and walks its members with a minimal tar reader: Python's
-``tarfile`` costs about 150 us a member, a fifth of the time a training image takes; this costs a few. Read to
-its end, a shard's bytes are checked against the sha256 the manifest recorded when it was built.
+"""Reading samples from shards: shard URLs, a minimal tar reader with sha256 checks, image decoding, and every
+image of a split in order. Details: docs/internals.md.
 """
 
 from __future__ import annotations

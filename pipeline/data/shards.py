@@ -1,19 +1,7 @@
 """WebDataset tar shards plus ``manifest.json``: the on-disk form every run streams from.
 
-Layout of a shard set::
-
-    <root>/manifest.json
-    <root>/train-00000.tar ...   (and test-*, or query-* / gallery-* for In-Shop)
-
-Each sample is ``<key>.png`` or ``<key>.jpg`` (the image), ``<key>.cls`` (the global class id) and
-``<key>.json`` (class key and image key). All images of a class in a split sit next to each other in one
-shard (a shard closes only at a class boundary), so the stream can form class-balanced batches without a
-global index; the manifest lists, per shard, its ordered groups ``[class_id, count]``, which lets every rank
-plan an equal share of an epoch without reading any data.
-
-Building is deterministic (the same input gives byte-identical shards, whatever the number of processes),
-parallel (one task per shard), and resumable: each finished shard leaves a ``<shard>.json`` record next to
-it, and a rerun skips shards whose record matches the plan. Unreadable images are listed and left out.
+Building is deterministic, parallel and resumable; a class's images sit together in one shard, and the manifest's
+per-shard class groups let every rank plan its share without reading data. Details: docs/internals.md.
 """
 
 from __future__ import annotations

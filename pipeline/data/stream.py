@@ -1,25 +1,8 @@
 """Shards -> class-balanced batches of P classes x m images, decoding only the images a batch draws.
 
-**Units.** An epoch is a list of units, each m images of one class (``sampler.epoch``):
-
-- ``classes``: one unit per class: every class once per epoch, m of its images (drawn afresh each epoch);
-- ``images``: a class of n images gives ceil(n / m) units that cover each of its images once (a seeded
-  permutation cut into m-image groups; the last one is topped up from the class's other images).
-
-**Splitting** (the distributed invariant). Each epoch the units, in a seeded shard order rotated by a seeded
-offset, are cut into ``ranks x loader_workers`` equal contiguous pieces, each a whole number of batches
-(``sampler.remainder``: ``pad`` cycles the list to fill the last batches, so every unit is drawn; ``drop`` leaves
-the remainder for another epoch). Every rank takes the same number of steps with the same batch shape, by
-construction, planned from the manifest alone; a slot opens only the shards its piece lies in.
-
-**Reading.** Which images a unit uses is decided from the manifest's counts before anything is read, so a slot
-streaming its shards keeps only the encoded bytes of those images. Units pass a seeded shuffle buffer (at most
-``shuffle_buffer`` units of m encoded images per slot, plus the group being read); a batch takes P units of
-distinct classes (the classes the buffer holds most units of first, so that no class is left over at the end)
-and decodes and augments those P x m images only, into uint8 tensors: the training worker normalises the batch
-on its device. An image that does not decode is skipped, counted, and replaced by another image of its unit; a
-unit none of whose images decode (or that a truncated shard lost) is replaced by a unit the slot has drawn
-before, so every rank still takes its steps.
+Each epoch's units (m images of one class) are cut into ``ranks x loader_workers`` equal pieces of whole batches,
+planned from the manifest alone: every rank takes the same number of steps with the same batch shape. A bad image
+or unit is skipped, counted and replaced. Details (units, splitting, reading): docs/internals.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""Image transforms: training augmentation (on uint8 tensors, in the data pipeline), the batch normalisation
-(on the training device), and evaluation's deterministic transform.
-
-Kept apart from the stream so that the served model needs torchvision alone, not the data pipeline.
+"""Image transforms: training augmentation (uint8, in the data pipeline), batch normalisation (on the device),
+evaluation's deterministic transform; apart from the stream so that serving needs torchvision alone.
 """
 
 from __future__ import annotations

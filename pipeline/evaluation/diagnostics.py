@@ -1,13 +1,5 @@
-"""Seeing generalisation: the seen/unseen gap per epoch, and per-class, per-query and attention views of an
-evaluation.
-
-- **The gap.** Each epoch (rank 0, no augmentation) Recall@1 and MAP@R on a fixed, seeded sample of *seen*
-  (training) classes, beside the same on held-out classes: the validation classes where ``train.val_fraction``
-  holds some out, else a fixed, seeded sample of the test classes, used for this curve only and never to choose
-  anything. Their difference is ``gap/recall_at_1``, ``gap/map_at_r``.
-- **Per class**: Recall@1 and MAP@R of each test class's queries (a CSV): which unseen classes fail.
-- **Worst queries**: the 16 test queries with the lowest average precision, with their nearest neighbours.
-- **Attention maps**: each tap's attention weights over positions, upsampled over 8 fixed test images.
+"""Seeing generalisation: the seen/unseen gap per epoch (``gap/*``), per-class Recall@1 and MAP@R, the worst
+queries, and attention maps. Details: docs/internals.md.
 """
 
 from __future__ import annotations

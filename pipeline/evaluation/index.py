@@ -1,15 +1,5 @@
-"""Exact inner-product search indexes, built in one place for k-NN search, k-means and serving.
-
-Backends, chosen by the device the search runs on and by what is installed:
-
-- ``faiss-cpu``: a CPU device and FAISS importable (extra ``cpu``);
-- ``faiss-gpu``: a CUDA device, faiss-gpu installed and working beside torch (extra ``gpu``), k within its
-  limit (2048);
-- ``torch``: exact torch matrix products on the device, chunked: a CUDA device where faiss-gpu cannot load or
-  run beside torch (its wheels link CUDA 12, torch here is a CUDA 13 build: gdml says why in one line), or any
-  device where no FAISS is installed at all, so core evaluation never needs a FAISS build.
-
-``serving_index`` (exact below a size threshold, IVF above) needs FAISS: the served model reads it from disk.
+"""Exact inner-product search indexes for k-NN search, k-means and serving: faiss-cpu, faiss-gpu, or exact
+chunked torch search where FAISS cannot run. Details: docs/internals.md.
 """
 
 from __future__ import annotations

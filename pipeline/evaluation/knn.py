@@ -1,8 +1,5 @@
-"""Exact k-nearest-neighbour search by inner product (cosine on L2-normalised embeddings).
-
-The index comes from ``evaluation.index`` (FAISS on CPU or GPU, or exact torch search on the device). Every
-backend returns the same neighbours: queries are chunked (bounded memory at 60,000 x 512 and beyond) and ties
-are broken by the lower reference index, whatever the backend returns among equal scores.
+"""Exact k-nearest-neighbour search by inner product, chunked, ties broken by the lower reference index on every
+backend (``evaluation.index``).
 """
 
 from __future__ import annotations

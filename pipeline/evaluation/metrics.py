@@ -1,18 +1,8 @@
 """Zero-shot retrieval metrics on unseen classes: Recall@K, NMI, MAP@R, R-Precision, Precision@1.
 
-Protocols: every test image queries all *other* test images (CUB, Cars196, SOP, the emoji set), or
-queries query a separate gallery (In-Shop). Search is exact, by one of two engines that find the ranks of each
-query's relevant items: ``ranks`` (every relevant item's exact rank in one fused pass, ``evaluation.ranks``) or
-``knn`` (k-nearest-neighbour lists from FAISS, ``evaluation.knn``, turned into the same ranks). Every metric is
-then computed from those ranks by one function (``evaluation.ranks.metrics_from_ranks``): a new metric is written
-once. Metrics are computed once, in one process, and returned as one flat dict with stable keys (``recall_at_1``,
-``map_at_r``, ``r_precision``, ``precision_at_1``, ``nmi``; MLflow allows no '@' in names) that the CLI, MLflow,
-Tune and the tests share; ``ordered`` is the one order they are shown in.
-
-Ties: both engines rank equal scores by the lower index. The k-NN engine sees only the k items FAISS returns:
-where several items tie for the k-th place, FAISS chooses which it keeps, so on exactly tied scores (duplicated
-rows, points on a coarse grid) its Recall@K, R-Precision and MAP@R can differ from the rank engines' in the last
-digits. The rank engines are the reference (``auto`` picks them).
+An engine (``ranks``: exact ranks in one pass; ``knn``: FAISS k-NN lists turned into ranks) gives the ranks of each
+query's relevant items; one function (``ranks.metrics_from_ranks``) turns them into every metric. Ties go to the
+lower index; on exactly tied scores the k-NN engine can differ in the last digits (docs/evaluation.md).
 """
 
 from __future__ import annotations

@@ -1,16 +1,6 @@
-"""The class-adversarial network: an MLP that predicts the training class, and how its gradient reaches the
-features.
-
-- ``reversal`` (Ganin & Lempitsky, 2015): a gradient-reversal layer before the head. The head learns to predict
-  the class (it minimises cross-entropy); the features receive -lambda times that gradient, so the backbone
-  learns features the head cannot classify.
-- ``confusion`` (Tzeng et al., 2015): the head is trained to classify (on features it cannot change), and the
-  features are trained, with weight lambda, to make the head's prediction uniform over the classes (cross-entropy
-  against the uniform distribution). The features' gradient is bounded by the head's, where reversal's can grow
-  without limit as the head gets better.
-
-lambda follows a schedule: ``constant``, ``dann`` (ramped from 0 as 2/(1+exp(-10p))-1 over training progress p),
-or ``warmup`` (0 until the head predicts the training classes above chance, then the DANN ramp over the rest).
+"""The class-adversarial network: an MLP that predicts the training class, reached by the features through
+gradient reversal or a confusion loss, with lambda on a schedule (constant, dann, warmup). Details:
+docs/internals.md.
 """
 
 from __future__ import annotations

@@ -1,15 +1,5 @@
-"""Pooling intermediate feature maps into descriptors: additive spatial attention, CBAM, or plain averaging.
-
-- ``additive`` follows "Learn to Pay Attention" (Jetley et al., 2018): each tap's map is projected by a 1x1
-  convolution to a common width; the query is the global-pooled last map, projected to that width; the
-  score of a position is a 1x1 convolution of tanh(map + query); a softmax over positions weighs the sum
-  that becomes the tap's descriptor. One scoring module is shared across taps by default (the lead design).
-  The tanh (as in Bahdanau's additive attention) matters: with a linear score, u.(l + g) = u.l + u.g, the
-  query adds one constant to every position, cancels in the softmax and receives no gradient at all.
-- ``cbam`` follows "CBAM" (Woo et al., 2018): channel attention (a shared MLP over average- and max-pooled
-  channels), then spatial attention (a 7x7 convolution over channel-average and channel-max maps), then
-  global average pooling.
-- ``avg`` is plain global average pooling of each projected map: the ablation baseline.
+"""Pooling intermediate feature maps into descriptors: additive spatial attention ("Learn to Pay Attention"),
+CBAM, or plain averaging (the ablation). Details: docs/internals.md.
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
-"""BN-Inception (Ioffe & Szegedy, 2015): the classic deep-metric-learning backbone.
-
-Module names follow the widely used Caffe-converted ImageNet weights file (``bn_inception-52deb4733.pth``):
-that file's flat keys (``inception_3a_1x1.weight``) map onto this model's nested blocks
-(``inception_3a.1x1.weight``) in :func:`load_standard_weights`. Those weights expect BGR input in [0, 255]
-minus the per-channel mean; :class:`BNInception` converts the ImageNet-normalised RGB tensors of the
-pipeline to that space itself, so the rest of gdml feeds every backbone the same input.
+"""BN-Inception (Ioffe & Szegedy, 2015), named to load the Caffe-converted ImageNet weights
+(``bn_inception-52deb4733.pth``); it converts gdml's normalised RGB input to that file's BGR space itself.
 """
 
 from __future__ import annotations
