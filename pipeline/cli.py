@@ -70,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     from pipeline.variants import VARIANTS
 
     p = sub.add_parser("tune", help="hyper-parameter sweep with Ray Tune (same as python tuning/sweep.py)")
-    _add_tune_args(p)
+    from tuning.sweep import add_arguments
+
+    add_arguments(p)
 
     p = sub.add_parser("ablate", help="baseline / +attention / +adversary / +both x losses x seeds on unseen classes")
     _add_config_args(p, DEMO_CONFIG)
@@ -121,12 +123,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_tune_args(p: argparse.ArgumentParser) -> None:
-    from tuning.sweep import add_arguments
-
-    add_arguments(p)
-
-
 def _format_metrics_table(rows: dict[str, dict[str, float]], extra: dict[str, dict[str, str]] | None = None) -> str:
     from pipeline.evaluation.metrics import ordered
 
@@ -143,21 +139,16 @@ def _format_metrics_table(rows: dict[str, dict[str, float]], extra: dict[str, di
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.launch import train_and_evaluate
+    from pipeline.tracking import browse_hint
 
     cfg = config_mod.load(args.config, args.overrides)
     result = train_and_evaluate(cfg, local=args.local)
     print(_format_metrics_table({result.name: result.metrics}, {"skipped images": {result.name: result.skipped}}))
     if result.run_id:
         print(f"\nMLflow run {result.run_id} ({result.tracking_uri}); browse it: "
-              f"{_browse_hint(result.tracking_uri, cfg.tracking.experiment, result.run_id)}")
+              f"{browse_hint(result.tracking_uri, cfg.tracking.experiment, result.run_id)}")
     print(f"checkpoint: {result.checkpoint}\nrun again with --set train.name={result.name} to resume it")
     return 0
-
-
-def _browse_hint(uri: str, experiment: str, run_id: str | None = None) -> str:
-    from pipeline.tracking import browse_hint
-
-    return browse_hint(uri, experiment, run_id)
 
 
 def demo_variants(cfg: Config) -> dict[str, Config]:
@@ -170,6 +161,7 @@ def demo_variants(cfg: Config) -> dict[str, Config]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.launch import train_and_evaluate
     from pipeline.preflight import check_config, prepare, resolve_paths
+    from pipeline.tracking import browse_hint
     from pipeline.variants import slug
 
     cfg = config_mod.load(args.config, args.overrides)
@@ -203,7 +195,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"diagnostics (gap curve every epoch, worst queries, attention maps, per-class table): {spent:.0f} s "
               f"of the {elapsed:.0f} s ({100 * spent / elapsed:.1f}%)")
     if first.tracking_uri:
-        print(f"browse them: {_browse_hint(first.tracking_uri, cfg.tracking.experiment)}  "
+        print(f"browse them: {browse_hint(first.tracking_uri, cfg.tracking.experiment)}  "
               f"(experiment '{cfg.tracking.experiment}', tag demo={stamp})")
     return 0
 

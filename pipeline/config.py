@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline import names
 
@@ -31,12 +31,17 @@ def one_of(value: str, allowed: Iterable[str]) -> str:
     return value
 
 
+def Registry(allowed: Iterable[str]) -> Any:  # noqa: N802 - used as a type
+    """A str field that must be one of a registry's names (``pipeline.names``)."""
+    return Annotated[str, AfterValidator(lambda value: one_of(value, allowed))]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class DataConfig(_Section):
-    source: str = "emoji"
+    source: Registry(names.SOURCES) = "emoji"
     """A source of ``pipeline.data.sources.SOURCES``: emoji (embedded), cub, cars196, sop, inshop (their published
     layouts under data.path), folder."""
     path: str | None = None
@@ -67,11 +72,6 @@ class DataConfig(_Section):
     counted."""
     build_workers: int = Field(2, ge=1)
     """Processes that write shards in parallel."""
-
-    @field_validator("source")
-    @classmethod
-    def _known_source(cls, value: str) -> str:
-        return one_of(value, names.SOURCES)
 
 
 class SamplerConfig(_Section):
@@ -116,7 +116,7 @@ class AugmentConfig(_Section):
 class AttentionConfig(_Section):
     enabled: bool = True
     """Off: the embedding comes from the last backbone layer alone (the baseline)."""
-    kind: str = "additive"
+    kind: Registry(names.ATTENTION_KINDS) = "additive"
     """additive: 'Learn to Pay Attention'-style spatial attention queried by the last block; cbam: channel then
     spatial attention (CBAM); avg: plain global pooling (the ablation). See ``model.attention.KINDS``."""
     taps: list[str] | None = None
@@ -125,11 +125,6 @@ class AttentionConfig(_Section):
     """Common width each tap is projected to by a 1x1 convolution."""
     shared: bool = True
     """One attention module shared across taps (the lead design), or one per tap."""
-
-    @field_validator("kind")
-    @classmethod
-    def _known_kind(cls, value: str) -> str:
-        return one_of(value, names.ATTENTION_KINDS)
 
 
 class AdversaryConfig(_Section):
@@ -145,18 +140,13 @@ class AdversaryConfig(_Section):
     input: Literal["features", "embedding", "taps"] = "features"
     """features: the fused pooled features before the embedding layer; embedding: the embedding itself; taps: the
     attention-pooled tap descriptors alone (the last layer's feature untouched by the adversary)."""
-    mode: str = "reversal"
+    mode: Registry(names.ADVERSARY_MODES) = "reversal"
     """reversal: gradient reversal (the features get -lambda times the head's gradient); confusion: the head
     learns to classify, the features learn to make its prediction uniform (lambda x cross-entropy to uniform)."""
     hidden: int = Field(512, ge=8)
     """The adversary's MLP hidden width."""
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     """The adversary's MLP dropout."""
-
-    @field_validator("mode")
-    @classmethod
-    def _known_mode(cls, value: str) -> str:
-        return one_of(value, names.ADVERSARY_MODES)
 
 
 class ModelConfig(_Section):
@@ -187,15 +177,10 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    name: str = "multi_similarity"
+    name: Registry(names.LOSSES) = "multi_similarity"
     """A loss of ``pipeline.objectives.LOSSES`` (pytorch-metric-learning)."""
     params: dict[str, float | int | bool | str] = {}
     """Keyword arguments of the pytorch-metric-learning loss (margins ...), checked against its signature."""
-
-    @field_validator("name")
-    @classmethod
-    def _known_loss(cls, value: str) -> str:
-        return one_of(value, names.LOSSES)
 
 
 class TrainConfig(_Section):
@@ -217,7 +202,7 @@ class TrainConfig(_Section):
     """Ray Train workers (DDP ranks); ignored in local mode (one process)."""
     cpus_per_worker: int = Field(1, ge=1)
     """CPUs (and torch threads) per Ray Train worker; in local mode, torch threads."""
-    device: str = "auto"
+    device: Registry(names.DEVICES) = "auto"
     """auto: the GPU Ray Train gives each worker (local mode, evaluation, packaging, serving: CUDA where present),
     else the CPU; cpu or cuda force it (cuda without a visible GPU stops before any work)."""
     max_steps_per_epoch: int | None = Field(None, ge=1)
@@ -245,12 +230,6 @@ class TrainConfig(_Section):
     the same machine type: another CPU's kernels may sum in another order)."""
     channels_last: Literal["auto", "on", "off"] = "auto"
     """Memory format of images and model: auto = channels_last on GPU."""
-
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: str) -> str:
-        return one_of(value, names.DEVICES)
 
 
 class FaultConfig(_Section):
@@ -300,14 +279,10 @@ class EvalConfig(_Section):
     gap_images: int = Field(512, ge=0)
     """Every epoch, Recall@1 and MAP@R on a fixed sample of this many seen-class images beside held-out classes
     (the generalisation gap, ``gap/*``); 0: off."""
-    engine: str = "auto"
+    engine: Registry(names.ENGINES) = "auto"
     """How the metrics search: ranks (exact ranks of the relevant items: one fused CPU pass, or torch GEMM blocks
     on the GPU), knn (FAISS k-NN lists, which rank by float32 scores); auto: ranks on the evaluating device."""
 
-    @field_validator("engine")
-    @classmethod
-    def _known_engine(cls, value: str) -> str:
-        return one_of(value, names.ENGINES)
 
     @field_validator("recall_at")
     @classmethod

@@ -1,9 +1,5 @@
-"""Image sources: where the pictures and their classes come from, before sharding.
-
-A source yields :class:`ClassItems` in a fixed order (the class order defines the train/test split).
-The embedded emoji source needs no download: class = one emoji (a single code point), images = its
-drawings in the vendor styles that ship in packages (Twemoji PNGs, the OpenMoji colour font, and the
-Debian Noto Color Emoji font where installed).
+"""Image sources: where the pictures and their classes come from, before sharding. A source yields
+:class:`ClassItems` in a fixed order (the class order defines the train/test split).
 """
 
 from __future__ import annotations
@@ -187,10 +183,6 @@ class FileImage:
             return im.convert("RGB")
 
 
-def _open_file(path: Path) -> FileImage:
-    return FileImage(path)
-
-
 def _need(root: Path, *names: str) -> None:
     for name in names:
         if not (root / name).exists():
@@ -208,7 +200,7 @@ def _grouped(rows: list[tuple[str, str, Path]], split_of: Callable[[str], str | 
     classes: dict[str, ClassItems] = {}
     for cls, image_key, path in rows:
         item = classes.setdefault(cls, ClassItems(cls, (names or {}).get(cls, cls), split=split_of(cls)))
-        item.images.append((image_key, _open_file(path)))
+        item.images.append((image_key, FileImage(path)))
     return list(classes.values())
 
 
@@ -257,7 +249,7 @@ def inshop_classes(root: Path) -> list[ClassItems]:
     for image_name, item_id, status in sorted(rows, key=lambda r: (r[1], r[0])):
         item = classes.setdefault(item_id, ClassItems(item_id, item_id, split="train" if status == "train" else "test",
                                                       image_splits=[]))
-        item.images.append((Path(image_name).stem, _open_file(root / image_name)))
+        item.images.append((Path(image_name).stem, FileImage(root / image_name)))
         item.image_splits.append(status)
     return list(classes.values())
 
@@ -288,7 +280,7 @@ def folder_classes(root: Path, train_classes: int | list[str] | None) -> list[Cl
     for index, folder in enumerate(folders):
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         item = ClassItems(folder.name, folder.name, split=split_of(folder.name, index))
-        item.images = [(p.stem, _open_file(p)) for p in files]
+        item.images = [(p.stem, FileImage(p)) for p in files]
         out.append(item)
     return out
 

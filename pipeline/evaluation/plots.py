@@ -51,10 +51,7 @@ def retrieval_grid(query_images: dict[int, Image.Image], ref_images: dict[int, I
             ax = axes[row, col]
             if img is not None:
                 ax.imshow(ImageOps.expand(img.convert("RGB"), border=max(2, img.width // 16), fill=color))
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
+            ax.axis("off")
             if caption:
                 ax.set_title(caption, fontsize=7, color=color)
     fig.suptitle(title, fontsize=8)
@@ -97,8 +94,7 @@ def attention_maps(images: list[Image.Image], weights: dict[str, np.ndarray], im
             if row == 0:
                 axes[row, col].set_title(f"{tap} ({w.shape[0]}x{w.shape[1]})", fontsize=7)
         for ax in axes[row]:
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.axis("off")
     axes[0, 0].set_title("image", fontsize=7)
     fig.suptitle("attention over positions, per tap", fontsize=8)
     fig.tight_layout()

@@ -1,23 +1,7 @@
-"""Exact rank of every relevant item of every query, in one pass over the similarity matrix (CPU).
+"""Exact rank of every relevant item of every query, in one pass over the similarity matrix (CPU, numba).
 
-Every retrieval metric gdml reports is a function of these ranks: Recall@K is "the first relevant item
-ranks <= K" (any K, 1000 included, at no extra cost), Precision@1 is "it ranks first", and MAP@R and
-R-Precision need the ranks of the R relevant items that rank <= R. So instead of a k-nearest-neighbour list
-(FAISS keeps a k-heap per query: k = 1000 for SOP's Recall@1000 doubles the search time), one pass counts,
-for each relevant item p of query i, the items that rank ahead of it.
-
-Exact, with ties broken by the lower index (as ``evaluation.knn``):
-
-- a similarity is the float64 dot product of the two float32 embeddings (each product is exact in float64;
-  the sum runs in index order, so the same pair gives the same value wherever it is computed);
-- the matrix is computed blockwise by float32 GEMM, whose error is bounded by ``2 (d + 2) u |a| |b|``
-  (u = 2^-24); a float32 score farther than that from a threshold decides by itself, and the rare ones
-  within it are recomputed in float64 (the relevant item itself is always one of them);
-- for the standard protocol the matrix is symmetric: each block above the diagonal is computed once and
-  scanned for its rows' queries and its columns' queries in the same read.
-
-The scan is a numba kernel, parallel over row chunks, fused with the threshold tests: per score it costs
-one comparison unless the score beats the query's lowest threshold.
+Float32 GEMM blocks decide every score farther than their error bound from a threshold; the rest are recomputed in
+float64; ties go to the lower index; a symmetric matrix is computed once per block. Details: docs/internals.md.
 """
 
 from __future__ import annotations
@@ -112,6 +96,19 @@ def _thresholds(Q, G, members, start, stop, self_search, T, P, R):
         R[i] = n
 
 
+def search_inputs(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray | None, gallery_labels: np.ndarray | None):
+    """(self_search, Q, G, labels, reference labels): float32 contiguous embeddings, checked against their labels."""
+    self_search = gallery is None
+    Q = np.ascontiguousarray(query, dtype=np.float32)
+    G = Q if self_search else np.ascontiguousarray(gallery, dtype=np.float32)
+    labels = np.asarray(labels)
+    ref_labels = labels if self_search else np.asarray(gallery_labels)
+    if len(ref_labels) != len(G) or len(labels) != len(Q):
+        raise ValueError(f"labels and embeddings differ in length ({len(labels)} vs {len(Q)}, "
+                         f"{len(ref_labels)} vs {len(G)})")
+    return self_search, Q, G, labels, ref_labels
+
+
 def relevant_members(labels: np.ndarray, ref_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(members, start, stop, width): query i's class members are ``members[start[i]:stop[i]]`` (reference
     indices; empty where the class is absent); ``width`` is the largest class (at least 1)."""
@@ -162,14 +159,7 @@ def _relevant_ranks(query: np.ndarray, labels: np.ndarray, gallery: np.ndarray |
     ``seeds`` (standard protocol only): sorted row indices; then (ranks, R, nearest) is returned, ``nearest[i]``
     the position in ``seeds`` of the seed row most similar to row i (itself, for a seed; ties: lower position).
     """
-    self_search = gallery is None
-    Q = np.ascontiguousarray(query, dtype=np.float32)
-    G = Q if self_search else np.ascontiguousarray(gallery, dtype=np.float32)
-    labels = np.asarray(labels)
-    ref_labels = labels if self_search else np.asarray(gallery_labels)
-    if len(ref_labels) != len(G) or len(labels) != len(Q):
-        raise ValueError(f"labels and embeddings differ in length ({len(labels)} vs {len(Q)}, "
-                         f"{len(ref_labels)} vs {len(G)})")
+    self_search, Q, G, labels, ref_labels = search_inputs(query, labels, gallery, gallery_labels)
     T, P, R = relevant_items(labels, ref_labels, self_search, Q, G)
     q_norm = np.linalg.norm(Q.astype(np.float64), axis=1)
     g_norm = np.linalg.norm(G.astype(np.float64), axis=1)

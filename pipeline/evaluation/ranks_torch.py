@@ -1,21 +1,5 @@
-"""The rank engine in torch: exact ranks of every relevant item, on a GPU (or any torch device).
-
-Same definition and same numbers as the CPU engine (``evaluation.ranks``):
-
-- a query's relevant items and their exact scores: the float64 dot product of the two float32 embeddings,
-  summed in index order. Each product of two float32 values is exact in float64, so a fused multiply-add
-  gives the same sum as a multiply then an add; the sum here runs over the dimensions one after another,
-  exactly as the CPU kernel does, so both engines compute bit-identical exact scores;
-- the similarity matrix in float32 GEMM blocks (TF32 off), whose error is bounded by ``2 (d + 2) u |a| |b|``;
-  a score farther than that from a threshold decides alone (the thresholds are rounded outwards to float32,
-  which only widens the band), the rest are recomputed exactly; ties go to the lower index.
-
-Each block of scores is compared once with its row's lowest threshold: only the candidates above it can be ahead
-of, or near, one of the row's relevant items, and only they are compared with every relevant item's threshold
-(in chunks). For a trained embedding the relevant items rank high and the candidates are a small share of the
-block. A set searched against itself computes each off-diagonal block once and scans it for both sides. Memory:
-the embeddings on the device plus one ``rows x cols`` block (self-search: a square one of as many scores) and its
-candidate list (about 2 GB at 4096 x 65536).
+"""The rank engine in torch (a GPU or any device): the same definition and bit-identical numbers as
+``evaluation.ranks``, with candidates filtered per block first. Details: docs/internals.md.
 """
 
 from __future__ import annotations
@@ -28,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.evaluation.ranks import UNIT_ROUNDOFF, relevant_members
+from pipeline.evaluation.ranks import UNIT_ROUNDOFF, relevant_members, search_inputs
 
 _PAIRS_PER_CHUNK = 1 << 18
 
@@ -81,14 +65,7 @@ def relevant_ranks_torch(query: np.ndarray, labels: np.ndarray, gallery: np.ndar
     filter, kept as the benchmark's peer and the tests' reference).
     """
     device = torch.device(device)
-    self_search = gallery is None
-    Q = np.ascontiguousarray(query, dtype=np.float32)
-    G = Q if self_search else np.ascontiguousarray(gallery, dtype=np.float32)
-    labels = np.asarray(labels)
-    ref_labels = labels if self_search else np.asarray(gallery_labels)
-    if len(ref_labels) != len(G) or len(labels) != len(Q):
-        raise ValueError(f"labels and embeddings differ in length ({len(labels)} vs {len(Q)}, "
-                         f"{len(ref_labels)} vs {len(G)})")
+    self_search, Q, G, labels, ref_labels = search_inputs(query, labels, gallery, gallery_labels)
     members, start, stop, width = relevant_members(labels, ref_labels)
     n = len(Q)
     q = torch.from_numpy(Q).to(device)

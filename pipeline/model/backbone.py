@@ -1,15 +1,6 @@
-"""Backbones whose intermediate feature maps are taken by module name; widths and strides read from the model.
-
-A backbone is a network plus its *trunk* (the part that ends in the last feature map). Taps are any named
-submodule (``layer3``, ``layer3.1``, ``inception_4d``, ``_blocks.10``, ``blocks.5``); forward hooks collect their
-outputs while the trunk runs, so no backbone needs to be traceable and no channel count is written down here.
-
-Built in: torchvision's ResNet-18/50 and GoogLeNet, BN-Inception (defined here), EfficientNet-Lite0 (its ImageNet
-weights ship in a package). ``timm/<model name>`` builds any timm model: its taps are timm's own feature names
-(``feature_info``); a Vision Transformer's blocks give tokens, made maps here (the prefix tokens, the class token
-among them, are dropped; the patch tokens are laid back on their grid), so attention pooling and CBAM work on them
-unchanged; the last layer's feature is timm's own head pooling (the class token for a ViT, the average of the
-last map for a CNN).
+"""Backbones whose intermediate feature maps are taken by module name (forward hooks); widths and strides are
+read from the model. Built in: ResNet-18/50, GoogLeNet, BN-Inception, EfficientNet-Lite0, any ``timm/<name>``.
+Details: docs/internals.md.
 """
 
 from __future__ import annotations
@@ -132,21 +123,17 @@ def _fixed(names: tuple[str, ...]) -> Callable[[nn.Module], tuple[str, ...]]:
     return lambda net: names
 
 
+def _torchvision(builder: Callable[..., nn.Module], trunk: tuple[str, ...], blocks: tuple[str, ...],
+                 taps: tuple[str, ...], **kwargs) -> BackboneSpec:
+    return BackboneSpec(lambda size: builder(weights=None, **kwargs), _sequence(trunk), _fixed(blocks), _fixed(taps),
+                        _torchvision_imagenet(builder), _torchvision_weights_problem(builder), "fc")
+
+
 BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": BackboneSpec(lambda size: models.resnet18(weights=None), _sequence(_RESNET),
-                             _fixed(("layer1", "layer2", "layer3", "layer4")), _fixed(("layer2", "layer3")),
-                             _torchvision_imagenet(models.resnet18), _torchvision_weights_problem(models.resnet18),
-                             "fc"),
-    "resnet50": BackboneSpec(lambda size: models.resnet50(weights=None), _sequence(_RESNET),
-                             _fixed(("layer1", "layer2", "layer3", "layer4")), _fixed(("layer2", "layer3")),
-                             _torchvision_imagenet(models.resnet50), _torchvision_weights_problem(models.resnet50),
-                             "fc"),
-    "googlenet": BackboneSpec(lambda size: models.googlenet(weights=None, aux_logits=False, init_weights=True),
-                              _sequence(_GOOGLENET),
-                              _fixed(tuple(n for n in _GOOGLENET if n.startswith(("conv", "incep")))),
-                              _fixed(("inception4d", "inception4e", "inception5a")),
-                              _torchvision_imagenet(models.googlenet),
-                              _torchvision_weights_problem(models.googlenet), "fc"),
+    "resnet18": _torchvision(models.resnet18, _RESNET, _RESNET[4:], ("layer2", "layer3")),
+    "resnet50": _torchvision(models.resnet50, _RESNET, _RESNET[4:], ("layer2", "layer3")),
+    "googlenet": _torchvision(models.googlenet, _GOOGLENET, tuple(n for n in _GOOGLENET if n[:4] in ("conv", "ince")),
+                              ("inception4d", "inception4e", "inception5a"), aux_logits=False, init_weights=True),
     "bninception": BackboneSpec(lambda size: bninception.BNInception(), lambda net, x: net.features(x),
                                 _fixed(("conv2_3x3",) + bninception.BLOCK_NAMES),
                                 _fixed(("inception_4d", "inception_4e", "inception_5a")), _bninception_imagenet,
