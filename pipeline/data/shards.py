@@ -117,19 +117,22 @@ def planned_manifest(cfg: DataConfig) -> Manifest:
     alone: checks run on it before anything is written. Counts are of images listed (unreadable ones are left out
     when building)."""
     classes, planned = plan(cfg)
+    entries = {split: [{"file": sh["file"], "samples": sh["planned"],
+                        "groups": [[cid, len(idx)] for cid, idx in sh["images"]]} for sh in shards]
+               for split, shards in planned.items()}
+    return Manifest(cfg.root, {**_contents(classes, entries), "params": source_params(cfg)})
+
+
+def _contents(classes: list[dict[str, Any]], entries: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """A manifest's classes (with their image counts) and splits (class and image counts, shard entries), from
+    each split's shard entries."""
     counts: dict[int, int] = {}
-    splits: dict[str, Any] = {}
-    for split, shard_list in planned.items():
-        entries = []
-        for shard in shard_list:
-            groups = [[cid, len(idx)] for cid, idx in shard["images"]]
-            for cid, n in groups:
-                counts[cid] = counts.get(cid, 0) + n
-            entries.append({"file": shard["file"], "samples": shard["planned"], "groups": groups})
-        splits[split] = {"classes": len({g[0] for e in entries for g in e["groups"]}),
-                         "samples": sum(e["samples"] for e in entries), "shards": entries}
-    return Manifest(cfg.root, {"classes": [{**c, "count": counts.get(c["id"], 0)} for c in classes],
-                               "splits": splits, "params": source_params(cfg)})
+    for cid, n in (g for shards in entries.values() for sh in shards for g in sh["groups"]):
+        counts[cid] = counts.get(cid, 0) + n
+    return {"classes": [{**c, "count": counts.get(c["id"], 0)} for c in classes],
+            "splits": {split: {"classes": len({g[0] for sh in shards for g in sh["groups"]}),
+                               "samples": sum(sh["samples"] for sh in shards), "shards": shards}
+                       for split, shards in entries.items()}}
 
 
 def current_or_planned(cfg: DataConfig) -> Manifest:
@@ -241,30 +244,18 @@ def build(cfg: DataConfig, root: str | Path | None = None, workers: int | None =
                     split, i, shard = futures[future]
                     records[(split, i)] = future.result()
                     bar.update(shard["planned"])
-    splits: dict[str, Any] = {}
-    bad: list[str] = []
-    for split, shards in planned.items():
-        recs = [records[(split, i)] for i in range(len(shards))]
-        bad += [b for r in recs for b in r["bad"]]
-        splits[split] = {
-            "classes": len({g[0] for r in recs for g in r["groups"]}),
-            "samples": sum(r["samples"] for r in recs),
-            "shards": [{k: r[k] for k in ("file", "samples", "groups", "sha256", "bytes")} for r in recs],
-        }
+    recs = {split: [records[(split, i)] for i in range(len(shards))] for split, shards in planned.items()}
+    bad = [b for split_recs in recs.values() for r in split_recs for b in r["bad"]]
+    contents = _contents(classes, {split: [{k: r[k] for k in ("file", "samples", "groups", "sha256", "bytes")}
+                                           for r in split_recs] for split, split_recs in recs.items()})
+    splits = contents["splits"]
     total_images = sum(s["samples"] for s in splits.values()) + len(bad)
     if bad:
         log.warning("left out %d unreadable images, e.g. %s", len(bad), bad[:3])
     if total_images and len(bad) / total_images > cfg.max_bad_fraction:
         raise ShardBuildError(f"{len(bad)} of {total_images} images are unreadable (over data.max_bad_fraction="
                               f"{cfg.max_bad_fraction}); first: {'; '.join(bad[:3])}")
-    counts: dict[int, int] = {}
-    for info in splits.values():
-        for sh in info["shards"]:
-            for cid, n in sh["groups"]:
-                counts[cid] = counts.get(cid, 0) + n
-    for c in classes:
-        c["count"] = counts.get(c["id"], 0)
-    manifest = {"format": FORMAT_VERSION, "params": params, "classes": classes, "splits": splits, "bad": bad}
+    manifest = {"format": FORMAT_VERSION, "params": params, **contents, "bad": bad}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     log.info("built %s: %s", out, {k: (v["classes"], v["samples"]) for k, v in splits.items()})
     return Manifest(str(out), manifest)
