@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +28,32 @@ class Manifest:
     def shards(self, split: str) -> list[dict[str, Any]]:
         return self.data["splits"][split]["shards"]
 
+    @cached_property
+    def _counts(self) -> dict[str, dict[int, int]]:
+        """Per split, each class's images in its shards."""
+        out: dict[str, dict[int, int]] = {}
+        for split in self.splits:
+            counts = out[split] = {}
+            for cid, n in (g for sh in self.shards(split) for g in sh["groups"]):
+                counts[cid] = counts.get(cid, 0) + n
+        return out
+
     def classes(self, split: str) -> list[dict[str, Any]]:
-        return [c for c in self.data["classes"] if c["split"] == split]
+        """The classes with images in a split, each with its ``count`` there (In-Shop's query and gallery splits
+        share the test classes, whose own ``split`` is 'test')."""
+        counts = self._counts[split]
+        return [{**c, "count": counts[c["id"]]} for c in self.data["classes"] if c["id"] in counts]
 
     def class_ids(self, split: str) -> list[int]:
-        return sorted(c["id"] for c in self.classes(split))
+        """The classes whose ``split`` is this one: the label space of a head trained on it (a class none of whose
+        images could be read included)."""
+        return sorted(c["id"] for c in self.data["classes"] if c["split"] == split)
 
     def images(self, split: str, classes: set[int] | frozenset[int] | None = None) -> int:
         """Images of a split, or of some of its classes."""
         if classes is None:
             return self.data["splits"][split]["samples"]
-        return sum(c["count"] for c in self.classes(split) if c["id"] in classes)
+        return sum(n for cid, n in self._counts[split].items() if cid in classes)
 
     @property
     def names(self) -> dict[int, str]:

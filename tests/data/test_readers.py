@@ -158,3 +158,29 @@ def test_inshop_is_evaluated_query_against_gallery(tmp_path):
     g, gl, _ = embed_split(model, manifest.split("gallery"), image_size=32, progress=False)
     assert ev.metrics == retrieval_metrics(q, ql, (1, 2), gallery=g, gallery_labels=gl)  # query vs gallery
     assert ev.metrics["recall_at_2"] >= ev.metrics["recall_at_1"]
+
+
+def test_inshop_query_and_gallery_know_their_classes_for_the_gap_curve_and_mlflow(tmp_path):
+    """In-Shop's query and gallery splits hold the test classes (whose own split is 'test'): the gap curve's unseen
+    side samples gallery classes, and each split's MLflow data set counts its own classes and images."""
+    import json
+
+    import torch
+
+    from pipeline.config import EvalConfig
+    from pipeline.evaluation.diagnostics import gap_metrics, sample_classes, unseen_split
+    from pipeline.model.embedder import Embedder
+    from tests.model.test_embedder import model_cfg
+
+    make_inshop(tmp_path / "raw")
+    manifest = shards.build(_cfg(tmp_path, "inshop").data)
+    assert [(c["id"], c["count"]) for c in manifest.classes("query")] == [(3, 1), (4, 1), (5, 1)]
+    assert [(c["id"], c["count"]) for c in manifest.classes("gallery")] == [(3, 2), (4, 2), (5, 2)]
+    assert manifest.class_ids("test") == [3, 4, 5] and manifest.class_ids("gallery") == []
+    profiles = {s: json.loads(manifest.split(s).dataset_input("test")["profile"]) for s in ("query", "gallery")}
+    assert [(p["classes"], p["images"]) for p in profiles.values()] == [(3, 3), (3, 6)]
+    assert unseen_split(manifest) == "gallery" and sample_classes(manifest, "gallery", set(), 512, 0) == {3, 4, 5}
+    torch.manual_seed(0)
+    model = Embedder(model_cfg(adversary=False), 3, image_size=32).eval()
+    gap = gap_metrics(model, manifest, EvalConfig(recall_at=[1]), 32, 0, set(), {})
+    assert set(gap) == {f"gap/{side}{k}" for side in ("", "seen_", "unseen_") for k in ("recall_at_1", "map_at_r")}
