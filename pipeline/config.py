@@ -31,7 +31,7 @@ def one_of(value: str, allowed: Iterable[str]) -> str:
     return value
 
 
-def Registry(allowed: Iterable[str]) -> Any:  # noqa: N802 - used as a type
+def Registry(allowed: Iterable[str]) -> Any:
     """A str field that must be one of a registry's names (``pipeline.names``)."""
     return Annotated[str, AfterValidator(lambda value: one_of(value, allowed))]
 

@@ -22,7 +22,8 @@ def test_every_benchmark_is_found():
 
 # Three lanes side by side, each running its benchmarks one after another: a run mostly waits (interpreter, Ray and
 # worker start-ups), so the lanes take about the longest one's time on 2 cores: the sweep alone (the longest), the
-# other two that start Ray, the rest. Measured on the 2-core machine: 107-113 s in three lanes, 140 s in two.
+# other two that start Ray, the rest. On the 2-core machine the fixture took 107-113 s in three lanes, 140 s in two
+# (`pytest -m 'full or not full' tests/test_benchmarks.py`, its setup time).
 LANES = (("bench_sweep.py",), ("bench_train_overhead.py", "bench_backbones.py"))
 
 

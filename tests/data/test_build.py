@@ -17,7 +17,7 @@ def _cfg(tmp_path, out, **extra):
 
 
 def _shas(manifest):
-    return [sh["sha256"] for s in sorted(manifest.data["splits"]) for sh in manifest.data["splits"][s]["shards"]]
+    return [sh["sha256"] for s in sorted(manifest.splits) for sh in manifest.shards(s)]
 
 
 def test_parallel_build_is_byte_identical_to_serial(tmp_path):
@@ -48,7 +48,7 @@ def test_unreadable_images_are_listed_and_left_out_or_fail_the_build(tmp_path):
     good = tmp_path / "raw" / "bicycle_final" / "2_1.JPG"
     good.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])  # truncated
     manifest = shards.build(_cfg(tmp_path, "ok", **{"data.max_bad_fraction": 0.1}).data)
-    assert len(manifest.data["bad"]) == 2 and any("1_0.JPG" in b for b in manifest.data["bad"])
+    assert len(manifest.bad) == 2 and any("1_0.JPG" in b for b in manifest.bad)
     assert manifest.images("train") == 10
     with pytest.raises(shards.ShardBuildError, match="2 of 24 images are unreadable"):
         shards.build(_cfg(tmp_path, "strict", **{"data.max_bad_fraction": 0.05}).data)

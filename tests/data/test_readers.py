@@ -92,7 +92,7 @@ def test_cub_splits_classes_1_to_100_for_training(tmp_path):
     manifest = shards.build(_cfg(tmp_path, "cub").data)
     assert {s: (v["classes"], v["samples"]) for s, v in manifest.data["splits"].items()} == \
         {"train": (100, 200), "test": (100, 200)}
-    first_test = next(c for c in manifest.data["classes"] if c["split"] == "test")
+    first_test = manifest.classes("test")[0]
     assert first_test["key"] == "101" and first_test["name"] == "101.Bird_101"
 
 
@@ -125,7 +125,7 @@ def test_image_folder_split_rules(tmp_path, rule, expected):
     make_folder(tmp_path / "raw")
     extra = {} if rule is None else {"data.train_classes": rule}
     manifest = shards.build(_cfg(tmp_path, "folder", **{"data.train_fraction": 0.4, **extra}).data)
-    train = [c["key"] for c in manifest.data["classes"] if c["split"] == "train"]
+    train = [c["key"] for c in manifest.classes("train")]
     assert len(train) == expected
     if rule == "[bee,eel]":
         assert train == ["bee", "eel"]

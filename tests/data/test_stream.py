@@ -179,7 +179,7 @@ def test_corrupt_images_and_a_truncated_shard_are_skipped_and_no_class_is_droppe
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
 
     cfg = tiny_config(tmp_path, **{"data.root": str(root)})
-    label = sorted(c["id"] for c in manifest.data["classes"] if c["split"] == "train").index(victim)
+    label = manifest.class_ids("train").index(victim)
     for mode in ("classes", "images"):
         stream = _stream(cfg, root=root, sampler=_sampler(images_per_class=2, batch_size=8, epoch=mode), verify=False)
         batches = list(stream)
@@ -211,7 +211,7 @@ def test_a_shard_altered_in_place_stops_the_stream_and_evaluation_reads(tmp_path
     shutil.copytree(tiny_shards, root)
     manifest = shards.load_manifest(root)
     for split in ("train", "test"):
-        path = root / manifest.data["splits"][split]["shards"][0]["file"]
+        path = root / manifest.shards(split)[0]["file"]
         data = bytearray(path.read_bytes())
         data[700] ^= 0xFF  # same size, one byte changed (inside the first image)
         path.write_bytes(bytes(data))
@@ -252,10 +252,10 @@ def test_loader_workers_embed_a_split_as_one_process_does_and_count_what_they_sk
     from pipeline.evaluation.embed import embed_split
 
     manifest = shards.load_manifest(tiny_shards)
-    classes = None if split == "test" else {c["id"] for c in manifest.data["classes"] if c["split"] == "train"}
+    classes = None if split == "test" else set(manifest.class_ids("train"))
     one = embed_split(_Pixels(), manifest.split(split, classes), EvalConfig(batch_size=5, loader_workers=0), 32,
                       progress=False)
-    assert len(manifest.data["splits"][split]["shards"]) >= 3  # so that 3 workers each get shards
+    assert len(manifest.shards(split)) >= 3  # so that 3 workers each get shards
     stats: dict = {}
     three = embed_split(_Pixels(), manifest.split(split, classes), EvalConfig(batch_size=5, loader_workers=3), 32,
                         progress=False, stats=stats)
@@ -264,7 +264,7 @@ def test_loader_workers_embed_a_split_as_one_process_does_and_count_what_they_sk
 
     root = tmp_path / "broken"
     shutil.copytree(tiny_shards, root)
-    last = root / manifest.data["splits"][split]["shards"][-1]["file"]  # (read by the last worker)
+    last = root / manifest.shards(split)[-1]["file"]  # (read by the last worker)
     with tarfile.open(last) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(last, "w") as tar:

@@ -62,7 +62,7 @@ def test_folds_are_seeded_class_disjoint_and_cover_every_training_class(tiny_sha
     from pipeline.data.stream import validation_classes
 
     manifest = load_manifest(tiny_shards)
-    train = {c["id"] for c in manifest.data["classes"] if c["split"] == "train"}
+    train = set(manifest.class_ids("train"))
     folds = [validation_classes(manifest, 0.0, 0, 3, f) for f in range(3)]
     assert set().union(*folds) == train and sum(map(len, folds)) == len(train)  # disjoint, covering
     assert sorted(map(len, folds)) == [len(train) // 3] * 3
