@@ -368,6 +368,7 @@ def _leftover_processes(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run on a process still alive or a staging folder left behind; then remove the suite's temporary
     folder (Ray's session folders, the passed tests' temporary trees), unless the run failed."""
+    import atexit
     import shutil
 
     before = session.config.stash.get(_BEFORE, None)
@@ -379,7 +380,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         _report(session, f"the suite left {len(staging)} staging folder(s): " + ", ".join(map(str, staging)))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if session.exitstatus == pytest.ExitCode.OK:
+        # at the interpreter's exit too: pytest's own temporary-path plugin finishes after this hook and may make
+        # its base folder again in here
         shutil.rmtree(SUITE_TMP, ignore_errors=True)
+        atexit.register(shutil.rmtree, SUITE_TMP, True)
     else:
         _report(session, f"the suite's temporary folder is kept for a look: {SUITE_TMP}")
 
