@@ -4,11 +4,12 @@ Ctrl-C."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline.errors import GdmlError
 
@@ -77,8 +78,7 @@ class RayConsole:
             shown = [line for line in lines if RAY_TQDM_MAGIC in line or "gdml:" in line]
             hidden = [line for line in lines if line not in shown]
             if hidden and cls.log_path is not None:
-                try:
-                    cls.log_path.parent.mkdir(parents=True, exist_ok=True)
+                try:  # (not its folder again: a run's folder removed after it ends stays removed)
                     with cls.log_path.open("a") as f:
                         f.writelines(f"({data.get('actor_name') or data.get('task_name') or ''} pid={data.get('pid')})"
                                      f" {line}\n" for line in hidden)
@@ -102,11 +102,19 @@ class RayConsole:
             manager.in_hidden_state, manager.num_hides = False, 0
 
     @classmethod
-    def for_run(cls, path: Path, progress: bool) -> None:
-        cls.log_path = path
+    @contextlib.contextmanager
+    def for_run(cls, path: Path, progress: bool) -> Iterator[None]:
+        """Ray's own lines go to ``path`` while the block runs (Ray goes on printing after a run, e.g. the
+        autoscaler's status; those lines are the session logs' again), then to the log of the run around it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        before, cls.log_path = cls.log_path, path
         if progress and not cls.verbose and str(path) not in cls.announced:
             cls.announced.add(str(path))
             print(f"gdml: Ray's own log lines for this run go to {path} (gdml -v shows them here)", flush=True)
+        try:
+            yield
+        finally:
+            cls.log_path = before
 
 
 def cluster_address() -> tuple[str | None, str]:

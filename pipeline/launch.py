@@ -4,6 +4,7 @@ per-worker function is ``pipeline.train``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -73,7 +74,6 @@ def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress
         cluster_mod.check_fits(cfg, cluster)
         if progress:
             cluster_mod.announce(cfg, cluster)
-        RayConsole.for_run(journal_dir(cfg, name) / "ray.log", progress)
         scaling = ScalingConfig(num_workers=cfg.train.workers, use_gpu=cluster_mod.use_gpu(cfg, cluster),
                                 resources_per_worker={"CPU": cfg.train.cpus_per_worker})
     trainer = TorchTrainer(
@@ -86,13 +86,14 @@ def fit(cfg: Config, tracker: tracking.Tracker, name: str, local: bool, progress
                              callbacks=[*(callbacks or []), RestartNotice(storage, name, cfg.train.max_failures)],
                              logging_config=LoggingConfig(log_level="WARNING")),
     )
-    try:
-        result = trainer.fit()
-    except TrainingFailedError as err:
-        raise TrainingFailed(describe_failure(err, cfg, name)) from None
-    finally:
+    with contextlib.ExitStack() as stack:
         if not local:
-            RayConsole.clear_bars()
+            stack.enter_context(RayConsole.for_run(journal_dir(cfg, name) / "ray.log", progress))
+            stack.callback(RayConsole.clear_bars)
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as err:
+            raise TrainingFailed(describe_failure(err, cfg, name)) from None
     if is_remote(storage):  # evaluation and MLflow read a local copy
         checkpoint = result.checkpoint.to_directory() if result.checkpoint is not None else None
     else:

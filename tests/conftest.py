@@ -319,7 +319,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[_BEFORE] = {"staging": _staging()}
 
 
+_REPORTED: list[str] = []
+"""Why the run failed after its tests passed (said again below the summary line, where a log's tail shows it)."""
+
+
 def _report(session: pytest.Session, line: str) -> None:
+    _REPORTED.append(line)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(line, red=True, bold=True)
@@ -386,6 +391,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         atexit.register(shutil.rmtree, SUITE_TMP, True)
     else:
         _report(session, f"the suite's temporary folder is kept for a look: {SUITE_TMP}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for line in _REPORTED:
+        print(f"gdml suite: {line}", file=sys.stderr, flush=True)
 
 
 def _gpu_unusable() -> str | None:

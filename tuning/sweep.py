@@ -289,17 +289,18 @@ def run(spec: SweepSpec, base: Config, progress: bool = True) -> dict[str, Any]:
     base, uri, _ = prepare(base, local=False)
     init_ray()
     sweep_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    RayConsole.for_run(journal_dir(base, sweep_name) / "ray.log", progress)
-    parent = tracking.Tracker.open(uri, base.tracking.experiment, sweep_name, tags={"mode": "sweep"})
-    parent.log_params({"sweep.metric": spec.search.metric, "sweep.algorithm": spec.search.algorithm,
-                       "sweep.num_samples": spec.search.num_samples,
-                       **{f"space.{k}": v.model_dump_json(exclude_none=True) for k, v in spec.search.space.items()}})
-    ctx, tune_config, max_t = plan(spec, base, uri, parent.run_id, sweep_name)
-    with parent:
-        results = trials.tuner(_trial, ctx, tune_space(spec), progress, tune_config).fit()
-        summary = summarise(spec, ctx, results, parent, max_t)
-        if spec.final:
-            summary.update(retrain_best(ctx, summary["best_params"], parent, progress))
+    with RayConsole.for_run(journal_dir(base, sweep_name) / "ray.log", progress):
+        parent = tracking.Tracker.open(uri, base.tracking.experiment, sweep_name, tags={"mode": "sweep"})
+        parent.log_params({"sweep.metric": spec.search.metric, "sweep.algorithm": spec.search.algorithm,
+                           "sweep.num_samples": spec.search.num_samples,
+                           **{f"space.{k}": v.model_dump_json(exclude_none=True)
+                              for k, v in spec.search.space.items()}})
+        ctx, tune_config, max_t = plan(spec, base, uri, parent.run_id, sweep_name)
+        with parent:
+            results = trials.tuner(_trial, ctx, tune_space(spec), progress, tune_config).fit()
+            summary = summarise(spec, ctx, results, parent, max_t)
+            if spec.final:
+                summary.update(retrain_best(ctx, summary["best_params"], parent, progress))
     return summary
 
 
