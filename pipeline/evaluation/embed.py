@@ -3,6 +3,7 @@ memory, autocast and channels_last (as training runs there), on the CPU in float
 
 from __future__ import annotations
 
+import gc
 import os
 
 import numpy as np
@@ -56,6 +57,7 @@ def embed_split(model: torch.nn.Module, split: Split, ev: EvalConfig | None = No
                       pin_memory=cuda, multiprocessing_context="fork" if workers else None)
     embs, labels, keys, places = [], [], [], []
     expected = split.size
+    failed = None
     with tqdm(total=expected, desc=f"embed {split.name}", unit="img", disable=None if progress else True) as bar:
         try:
             for images, cls, key, place in data:
@@ -68,7 +70,10 @@ def embed_split(model: torch.nn.Module, split: Split, ev: EvalConfig | None = No
                 bar.update(len(cls))
         except ShardChecksumError as err:  # from a loader worker, torch wraps the message in the worker's traceback
             line = str(err).strip().splitlines()[-1]
-            raise ShardChecksumError(line.partition("ShardChecksumError: ")[2] or line) from None
+            failed = line.partition("ShardChecksumError: ")[2] or line
+    if failed:  # the loader is garbage now, but in a reference cycle: collected now, its worker processes end now
+        gc.collect()  # (not whenever the caller's next collection comes)
+        raise ShardChecksumError(failed)
     if not embs:
         raise RuntimeError(f"no image of split {split.name!r} in {split.root} could be read")
     order = np.argsort(np.concatenate(places), kind="stable")  # the workers' batches back in manifest order

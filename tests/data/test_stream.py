@@ -226,8 +226,11 @@ def test_a_shard_altered_in_place_stops_the_stream_and_evaluation_reads(tmp_path
     from pipeline.config import EvalConfig
     from pipeline.evaluation.embed import embed_split
 
+    import psutil
+
     with pytest.raises(ShardChecksumError) as err:
         embed_split(_Pixels(), manifest.split("test"), EvalConfig(loader_workers=2), 32, progress=False)
+    assert psutil.Process().children() == []  # the loader's worker processes ended with the error
     assert "\n" not in str(err.value) and str(err.value).endswith("(rebuild it: gdml shards build --force; or "
                                                                    "check: gdml shards verify)")
     assert str(err.value).startswith(str(root))
