@@ -226,14 +226,26 @@ def test_a_shard_altered_in_place_stops_the_stream_and_evaluation_reads(tmp_path
     from pipeline.config import EvalConfig
     from pipeline.evaluation.embed import embed_split
 
-    import psutil
-
     with pytest.raises(ShardChecksumError) as err:
         embed_split(_Pixels(), manifest.split("test"), EvalConfig(loader_workers=2), 32, progress=False)
-    assert psutil.Process().children() == []  # the loader's worker processes ended with the error
+    assert _forked_children() == []  # the loader's worker processes ended with the error
     assert "\n" not in str(err.value) and str(err.value).endswith("(rebuild it: gdml shards build --force; or "
                                                                    "check: gdml shards verify)")
     assert str(err.value).startswith(str(root))
+
+
+def _forked_children() -> list:
+    """This process's forked children that are alive (a fork shares its parent's command line)."""
+    import psutil
+
+    me, out = psutil.Process(), []
+    for child in me.children():
+        try:
+            if child.cmdline() == me.cmdline():
+                out.append(child)
+        except psutil.Error:  # (ended meanwhile, or a zombie)
+            pass
+    return out
 
 
 class _Pixels(torch.nn.Module):
