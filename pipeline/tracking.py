@@ -9,7 +9,6 @@ import functools
 import json
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -173,59 +172,62 @@ class _Journal:
 
 
 class _Sender(threading.Thread):
-    """Sends a tracker's operations in order from a background thread. While sending fails, the unsent ones are
-    the journal's content, and sending is tried again every ``retry`` seconds and on every new operation."""
+    """Sends a tracker's operations in order from a background thread. An operation is in the journal from the
+    moment it is put until MLflow has taken it, so a process that ends (or is killed) with writes unsent leaves
+    them there, at worst one already sent among them (sending again is harmless: an epoch's metrics are skipped
+    where MLflow has them). While sending fails, it is tried again every ``retry`` seconds and on every new
+    operation. A journal left by an earlier process of the same run is sent first."""
 
     def __init__(self, tracker: "Tracker", retry: float = 5.0) -> None:
         super().__init__(daemon=True, name="gdml-tracking")
         self.tracker, self.retry = tracker, retry
-        self.inbox: queue.Queue = queue.Queue()
-        self.pending: list[dict[str, Any]] = []
+        self.outbox: list[dict[str, Any]] = tracker.journal.read()
         self.done = threading.Condition()
         self.failing = False
-        self.accepted = self.taken = self.tried = 0
-        """Writes put, taken from the inbox, and tried at least once (sent, or kept in the journal)."""
+        self.accepted, self.tried = len(self.outbox), 0
+        """Writes put (an earlier process's included), and tried at least once (sent, or kept in the journal)."""
 
     def put(self, op: dict[str, Any]) -> None:
         with self.done:
+            self.outbox.append(op)
+            self.tracker.journal.write(self.outbox)
             self.accepted += 1
-        self.inbox.put(op)
+            self.done.notify_all()
 
     def unsent(self) -> int:
-        return len(self.pending) + self.inbox.qsize()
+        with self.done:
+            return len(self.outbox)
 
     def run(self) -> None:
         while True:
-            try:
-                self.pending.append(self.inbox.get(timeout=self.retry if self.pending else None))
-                self.taken += 1
-                while not self.inbox.empty():
-                    self.pending.append(self.inbox.get_nowait())
-                    self.taken += 1
-            except queue.Empty:
-                pass
-            self._send()
             with self.done:
-                self.tried = self.taken
+                if self.tried == self.accepted:  # nothing new: wait for a write, or (unsent ones) the retry
+                    self.done.wait(self.retry if self.outbox else None)
+                target, ops = self.accepted, list(self.outbox)
+            sent = self._send(ops)
+            with self.done:
+                if sent:
+                    del self.outbox[:sent]
+                    self.tracker.journal.write(self.outbox)
+                self.tried = target
                 self.done.notify_all()
 
-    def _send(self) -> None:
-        while self.pending:
+    def _send(self, ops: list[dict[str, Any]]) -> int:
+        """Send in order until one fails; how many went."""
+        for sent, op in enumerate(ops):
             try:
-                self.tracker.apply(self.pending[0])
-            except Exception as err:  # noqa: BLE001 - whatever failed, keep it for later
-                self.tracker.journal.write(self.pending)
+                self.tracker.apply(op)
+            except Exception as err:  # noqa: BLE001 - whatever failed, it stays in the journal for later
                 if not self.failing:
                     log.warning("MLflow tracking at %s failed (%s); training goes on, unsent entries wait in %s and "
                                 "are sent when it answers again", self.tracker.uri, type(err).__name__,
                                 self.tracker.journal.path)
                 self.failing = True
-                return
-            self.pending.pop(0)
-        if self.failing:
-            self.tracker.journal.write([])
+                return sent
+        if self.failing and ops:
             log.warning("MLflow tracking at %s answers again: the queued entries were sent", self.tracker.uri)
             self.failing = False
+        return len(ops)
 
     def drain(self, timeout: float) -> bool:
         """Until every write queued so far has been tried once: sent, or kept in the journal (which outlives the
@@ -244,7 +246,7 @@ class _Sender(threading.Thread):
         """Until everything queued is sent, or ``timeout`` seconds; True if everything was sent."""
         deadline = time.monotonic() + timeout
         with self.done:
-            while self.unsent():
+            while self.outbox:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False

@@ -1,5 +1,6 @@
 """Tracking that never stops training: a real MLflow server stopped mid-run and restarted, and the journal."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,24 @@ def test_an_unreachable_server_leaves_the_writes_in_a_journal_that_replays(tmp_p
     run = MlflowClient(uri).get_run(live.run_id)
     assert run.info.status == "FINISHED" and run.data.params["a"] == "1"
     assert [m.step for m in MlflowClient(uri).get_metric_history(live.run_id, "loss")] == [1]
+
+
+def test_a_write_still_on_its_way_when_the_worker_ends_is_in_its_journal(tmp_path, monkeypatch):
+    """A training worker closes its tracker with a short wait and its process ends: a write that MLflow has not
+    taken yet (here a server that accepts the connection and never answers) is in the journal the driver takes
+    over, not lost with the sending thread."""
+    import socket
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        tracker = Tracker(f"http://127.0.0.1:{silent.getsockname()[1]}", "0123456789abcdef", journal_dir=tmp_path,
+                          background=True)
+        tracker.log_metrics({"loss": 0.5}, step=4, once=True)
+        assert not tracker.close(timeout=1.0) and tracker.unsent() == 1  # still on its way
+        [op] = [json.loads(line) for line in (tmp_path / "tracking-journal.jsonl").read_text().splitlines()]
+        assert (op["op"], op["metrics"], op["step"]) == ("metrics", {"loss": 0.5}, 4)
 
 
 def test_drain_waits_for_every_write_to_be_tried_not_for_a_dead_server(tmp_path, monkeypatch):
