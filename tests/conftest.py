@@ -245,22 +245,6 @@ def _background_work(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
         future.exception(timeout=900)
 
 
-BACKGROUND_SLOWDOWN = 3
-"""While background work runs, the tests beside it share the CPU with it: their time limits are this many times
-theirs (a limit catches a hang, not a slow machine)."""
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_timeout_set_timer(item: pytest.Item, settings) -> bool | None:
-    import pytest_timeout
-
-    futures = item.config.stash.get(_BACKGROUND, {})
-    if not any(not f.done() for f in futures.values()) or item.nodeid in futures:
-        return None  # (pytest-timeout's own hook sets the timer)
-    return pytest_timeout.pytest_timeout_set_timer(item, settings._replace(
-        timeout=settings.timeout * BACKGROUND_SLOWDOWN))
-
-
 @pytest.fixture()
 def background(request: pytest.FixtureRequest):
     """What the test's ``background(work=...)`` returned (started with the session; see ``_background_work``)."""
