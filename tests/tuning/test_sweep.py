@@ -161,16 +161,18 @@ def _autoscaling_config(path: Path, gcs: int) -> Path:
 
 
 @contextlib.contextmanager
-def _autoscaling_cluster(tmp_dir: str, config_dir: Path, env: dict[str, str]):
+def _autoscaling_cluster(tmp_dir: str, config_dir: Path, env: dict[str, str], nice: tuple[str, ...] = ()):
     """A local autoscaling Ray cluster (head with no CPU, workers from zero; 127.0.0.1, its own temp dir and free
     ports, so that another Ray session on the machine does not hold them) for as long as the block runs:
     ``ray start --block`` stops every process it started when it is terminated, and leaves other Ray sessions
-    alone. Yields (the Jobs API address, the GCS address, the autoscaling config file)."""
+    alone. Yields (the Jobs API address, the GCS address, the autoscaling config file). ``nice``: a command that
+    the head is started under (its nodes, their workers and the jobs inherit it)."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
     port, gcs, agent, agent_grpc, runtime_env, metrics = _free_ports(6)
     config = _autoscaling_config(config_dir / "cluster.yaml", gcs)
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=0",
-                             f"--autoscaling-config={config}", f"--temp-dir={tmp_dir}", "--include-dashboard=true",
+    head = subprocess.Popen([*nice, ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             "--num-cpus=0", f"--autoscaling-config={config}", f"--temp-dir={tmp_dir}",
+                             "--include-dashboard=true",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", f"--port={gcs}",
                              f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
                              f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
@@ -207,7 +209,7 @@ def _submit(address: str, gcs: str, env: dict[str, str], *command: str, upload: 
     for _ in range(15):  # the head's job agent comes up a little after its dashboard
         proc = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", address,
                                *where, "--runtime-env-json", env_vars, "--", *command],
-                              capture_output=True, text=True, timeout=840, env=env)
+                              capture_output=True, text=True, timeout=1500, env=env)  # (at the lowest priority)
         if "No available agent to submit job" not in proc.stderr:
             return proc
         time.sleep(2)
@@ -215,9 +217,10 @@ def _submit(address: str, gcs: str, env: dict[str, str], *command: str, upload: 
 
 
 def _cluster_jobs(tmp_path: Path, tiny_shards: Path, env: dict[str, str]) -> dict:
-    """The autoscaling-cluster test's jobs, submitted side by side (the sweep's nodes and the GPU node are distinct);
-    they mostly wait on the autoscaler and on the processes of the nodes it starts, so they run in the background
-    from the session's start (``background``)."""
+    """The autoscaling-cluster test's jobs, submitted side by side (the sweep's nodes and the GPU node are distinct).
+    They run in the background from the session's start (``background``), the whole cluster at the lowest CPU
+    priority: it takes the CPU time the tests beside it leave (they mostly wait on processes starting), and does not
+    slow them (beside them at the same priority, a fixture's MLflow server took over 120 s to start)."""
     import shutil
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
@@ -229,7 +232,7 @@ def _cluster_jobs(tmp_path: Path, tiny_shards: Path, env: dict[str, str]) -> dic
                                 for a in ("--set", f"{k}={json.dumps(v)}"))]
     ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
     try:
-        with _autoscaling_cluster(ray_tmp, tmp_path, env) as (address, gcs, config):
+        with _autoscaling_cluster(ray_tmp, tmp_path, env, ("nice", "-n", "19")) as (address, gcs, config):
             where = ["--set", f"train.cluster_file={config}"]
             with ThreadPoolExecutor(3) as pool:
                 never = pool.submit(_submit, address, gcs, env, *train, *where, "--set", "train.device=cpu",
