@@ -210,47 +210,6 @@ def tiny_cfg(tmp_path: Path, tiny_shards: Path) -> Config:
     return tiny_config(tmp_path, **{"data.root": str(tiny_shards)})
 
 
-_BACKGROUND = pytest.StashKey[dict]()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _background_work(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """A test marked ``background(work=...)`` mostly waits (on subprocesses: a cluster's autoscaler, its jobs): its
-    ``work(folder, tiny_shards, env)`` starts in a thread when the session does, and runs beside the tests before
-    it; the test checks what it returned (the ``background`` fixture). ``env``: the session's environment as it
-    starts, for the processes the work starts (a test running meanwhile changes ``os.environ``)."""
-    import threading
-    from concurrent.futures import Future
-
-    items = [item for item in request.session.items if item.get_closest_marker("background")]
-    futures: dict[str, Future] = {}
-    if items:
-        shards = request.getfixturevalue("tiny_shards")
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-
-        def run(future: Future, work, folder: Path) -> None:
-            try:
-                future.set_result(work(folder, shards, env))
-            except BaseException as err:  # (the test reports it)
-                future.set_exception(err)
-
-        for item in items:
-            futures[item.nodeid] = Future()
-            work = item.get_closest_marker("background").kwargs["work"]
-            threading.Thread(target=run, args=(futures[item.nodeid], work, tmp_path_factory.mktemp("background")),
-                             name=f"background {item.name}", daemon=True).start()
-    request.config.stash[_BACKGROUND] = futures
-    yield
-    for future in futures.values():  # a test that did not get to run (-x, Ctrl-C): its work still ends first
-        future.exception(timeout=900)
-
-
-@pytest.fixture()
-def background(request: pytest.FixtureRequest):
-    """What the test's ``background(work=...)`` returned (started with the session; see ``_background_work``)."""
-    return request.config.stash[_BACKGROUND][request.node.nodeid].result()
-
-
 @pytest.fixture(scope="session")
 def _ray_runtime():
     import ray

@@ -3,6 +3,7 @@
 
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -161,24 +162,22 @@ def _autoscaling_config(path: Path, gcs: int) -> Path:
 
 
 @contextlib.contextmanager
-def _autoscaling_cluster(tmp_dir: str, config_dir: Path, env: dict[str, str], nice: tuple[str, ...] = ()):
+def _autoscaling_cluster(tmp_dir: str, config_dir: Path):
     """A local autoscaling Ray cluster (head with no CPU, workers from zero; 127.0.0.1, its own temp dir and free
     ports, so that another Ray session on the machine does not hold them) for as long as the block runs:
     ``ray start --block`` stops every process it started when it is terminated, and leaves other Ray sessions
-    alone. Yields (the Jobs API address, the GCS address, the autoscaling config file). ``nice``: a command that
-    the head is started under (its nodes, their workers and the jobs inherit it)."""
+    alone. Yields (the Jobs API address, the GCS address, the autoscaling config file)."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
     port, gcs, agent, agent_grpc, runtime_env, metrics = _free_ports(6)
     config = _autoscaling_config(config_dir / "cluster.yaml", gcs)
-    head = subprocess.Popen([*nice, ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-                             "--num-cpus=0", f"--autoscaling-config={config}", f"--temp-dir={tmp_dir}",
-                             "--include-dashboard=true",
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=0",
+                             f"--autoscaling-config={config}", f"--temp-dir={tmp_dir}", "--include-dashboard=true",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", f"--port={gcs}",
                              f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
                              f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
                              "--disable-usage-stats"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}",
+                            env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                                  "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
     # (the head's environment is the jobs' one: `python` is this environment's, as on a cluster set up for gdml)
     try:
@@ -196,8 +195,7 @@ def _autoscaling_cluster(tmp_dir: str, config_dir: Path, env: dict[str, str], ni
         stop_process_group(head, timeout=60)  # `ray start --block` stops what it started; the group, whatever is left
 
 
-def _submit(address: str, gcs: str, env: dict[str, str], *command: str, upload: bool = False
-            ) -> subprocess.CompletedProcess:
+def _submit(address: str, gcs: str, *command: str, upload: bool = False) -> subprocess.CompletedProcess:
     """``ray job submit`` of a command to the cluster, as ``ray submit`` does (gdml installed on every node, as
     ray_cluster.yaml's set-up installs it), or with ``upload`` this checkout as the job's ``--working-dir``. (Only a
     job that starts no worker node uploads: the fake nodes share one session directory on this machine, so a node
@@ -209,18 +207,25 @@ def _submit(address: str, gcs: str, env: dict[str, str], *command: str, upload: 
     for _ in range(15):  # the head's job agent comes up a little after its dashboard
         proc = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", address,
                                *where, "--runtime-env-json", env_vars, "--", *command],
-                              capture_output=True, text=True, timeout=1500, env=env)  # (at the lowest priority)
+                              capture_output=True, text=True, timeout=840)
         if "No available agent to submit job" not in proc.stderr:
             return proc
         time.sleep(2)
     return proc
 
 
-def _cluster_jobs(tmp_path: Path, tiny_shards: Path, env: dict[str, str]) -> dict:
-    """The autoscaling-cluster test's jobs, submitted side by side (the sweep's nodes and the GPU node are distinct).
-    They run in the background from the session's start (``background``), the whole cluster at the lowest CPU
-    priority: it takes the CPU time the tests beside it leave (they mostly wait on processes starting), and does not
-    slow them (beside them at the same priority, a fixture's MLflow server took over 120 s to start)."""
+@pytest.mark.full
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_sweep_submitted_to_an_autoscaling_cluster_scales_it_up_from_zero_and_finishes(tmp_path, tiny_shards,
+                                                                                      no_shared_ray):
+    """What ``ray submit`` / ``ray job submit --working-dir`` does on a cluster shaped like ray_cluster.yaml (a head
+    with no CPU, workers from zero), on Ray's real autoscaler: a seeded Optuna sweep whose trials are scored by the
+    mean over 2 class-disjoint folds asks for its nodes, waits for them, and finishes with the final retrain and
+    test. On the same cluster: a run on a GPU node type asks a GPU per worker and, where torch cannot use the GPU
+    Ray assigned (the GPU is a label here), stops in one line; a run no node type can hold fails before any work.
+    (Two trials: the fewest that still make a best one among several.)"""
     import shutil
     import tempfile
     from concurrent.futures import ThreadPoolExecutor
@@ -232,38 +237,21 @@ def _cluster_jobs(tmp_path: Path, tiny_shards: Path, env: dict[str, str]) -> dic
                                 for a in ("--set", f"{k}={json.dumps(v)}"))]
     ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
     try:
-        with _autoscaling_cluster(ray_tmp, tmp_path, env, ("nice", "-n", "19")) as (address, gcs, config):
+        with _autoscaling_cluster(ray_tmp, tmp_path) as (address, gcs, config):
             where = ["--set", f"train.cluster_file={config}"]
-            with ThreadPoolExecutor(3) as pool:
-                never = pool.submit(_submit, address, gcs, env, *train, *where, "--set", "train.device=cpu",
+            with ThreadPoolExecutor(3) as pool:  # side by side: the sweep's nodes and the GPU node are distinct
+                never = pool.submit(_submit, address, gcs, *train, *where, "--set", "train.device=cpu",
                                     "--set", "train.workers=6", upload=True)
-                sweep_job = pool.submit(_submit, address, gcs, env, "python", str(REPO / "tuning" / "sweep.py"),
+                sweep_job = pool.submit(_submit, address, gcs, "python", str(REPO / "tuning" / "sweep.py"),
                                         "--config", str(path), *where, "--set", "tune.folds=2",
                                         "--set", "train.val_fraction=0", "--set", "train.epochs=1",
                                         "--set", "train.device=cpu")
-                gpu = pool.submit(_submit, address, gcs, env, *train, *where, "--set", "train.workers=1",
+                gpu = pool.submit(_submit, address, gcs, *train, *where, "--set", "train.workers=1",
                                   "--set", "train.max_failures=0", "--set", "train.name=on-a-gpu-node",
                                   "--set", f"tracking.uri=sqlite:///{tmp_path / 'gpu.db'}")  # (not the sweep's)
-                return {"never": never.result(), "sweep": sweep_job.result(), "gpu": gpu.result(),
-                        "config": config, "folder": tmp_path}
+                never, proc, gpu = never.result(), sweep_job.result(), gpu.result()
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-@pytest.mark.full
-@pytest.mark.slow
-@pytest.mark.ray
-@pytest.mark.timeout(600)
-@pytest.mark.background(work=_cluster_jobs)
-def test_a_sweep_submitted_to_an_autoscaling_cluster_scales_it_up_from_zero_and_finishes(background, tiny_shards):
-    """What ``ray submit`` / ``ray job submit --working-dir`` does on a cluster shaped like ray_cluster.yaml (a head
-    with no CPU, workers from zero), on Ray's real autoscaler: a seeded Optuna sweep whose trials are scored by the
-    mean over 2 class-disjoint folds asks for its nodes, waits for them, and finishes with the final retrain and
-    test. On the same cluster: a run on a GPU node type asks a GPU per worker and, where torch cannot use the GPU
-    Ray assigned (the GPU is a label here), stops in one line; a run no node type can hold fails before any work.
-    (Two trials: the fewest that still make a best one among several.)"""
-    never, proc, gpu, config = background["never"], background["sweep"], background["gpu"], background["config"]
-    tmp_path = background["folder"]
     # more workers than the node types can ever hold: one line before any work, naming the key
     assert never.returncode != 0 and "gdml: config error: train.workers: 6 workers of 1 CPU each, but the cluster " \
         f"holds 5 at most (the node types of {config}); lower train.workers" in never.stdout, never.stdout[-3000:]
